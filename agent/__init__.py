@@ -1,0 +1,1 @@
+"""The node agent: device telemetry and actuation, components, and its daemon."""

@@ -1,0 +1,1 @@
+"""Device backends behind one interface: nvml (real GPUs), sim (modeled GPUs), cpu (the host)."""

@@ -1,0 +1,1 @@
+"""The controller: node registry, store, admin API and its daemon."""

@@ -1,0 +1,1 @@
+"""Planning policies: pure functions and data classes, no sockets, clocks or files."""
