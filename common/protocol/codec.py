@@ -60,7 +60,7 @@ def message(op: str, *, kind: Kind, served_by: Endpoint | None = None) -> Callab
             raise TypeError(f"op {op!r} registered twice ({_BY_OP[op].cls.__name__}, {cls.__name__})")
         if not (dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen):  # type: ignore[attr-defined]
             raise TypeError(f"{cls.__name__} must be a frozen dataclass")
-        cls = with_config(ConfigDict(extra="forbid"))(cls)
+        cls = with_config(ConfigDict(extra="forbid", allow_inf_nan=False))(cls)
         cls.op = op  # type: ignore[attr-defined]
         spec = MessageSpec(op, cls, kind, served_by, TypeAdapter(cls))
         _BY_OP[op] = spec

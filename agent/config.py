@@ -1,0 +1,58 @@
+"""Agent configuration: the [agent] and [devices] tables of its TOML file."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from agent.devices.select import CpuSettings, SimSettings
+from common.config import load_toml_config
+
+
+class AgentSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    node_name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=253,
+                           pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    controller: str = "tcp://127.0.0.1:7500"
+    state_dir: Path = Path("/var/lib/murakkab/agent")
+    heartbeat_interval_s: float = Field(1.0, gt=0, le=60)
+    sample_interval_s: float = Field(1.0, gt=0, le=60)
+    request_timeout_s: float = Field(2.0, gt=0, le=60)
+    missed_acks_before_reregister: int = Field(3, ge=1, le=100)
+    reconnect_base_s: float = Field(0.2, gt=0)
+    reconnect_cap_s: float = Field(10.0, gt=0)
+    metrics_host: str = "127.0.0.1"
+    metrics_enabled: bool = False
+    metrics_port: int = Field(9401, ge=0, le=65535, description="0 lets the OS pick a free port")
+    log_level: str = "INFO"
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class DevicesSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["auto", "nvml", "sim", "cpu"] = "auto"
+    include_cpu: bool = True
+    sim: SimSettings | None = None
+    cpu: CpuSettings = Field(default_factory=CpuSettings)
+
+    @model_validator(mode="after")
+    def _sim_needs_settings(self) -> "DevicesSettings":
+        if self.backend == "sim" and self.sim is None:
+            raise ValueError("backend 'sim' needs a [devices.sim] table (model, count, ...)")
+        return self
+
+
+class AgentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    agent: AgentSettings = Field(default_factory=AgentSettings)
+    devices: DevicesSettings = Field(default_factory=DevicesSettings)
+
+
+def load_agent_config(path: Path) -> AgentConfig:
+    return load_toml_config(path, "agent", AgentConfig)

@@ -1,0 +1,267 @@
+"""The node agent: registers with the controller, samples its devices, heartbeats, obeys commands.
+
+A thin asyncio shell. The decisions that matter (is this command stale? which
+result did a repeated command get?) live in CommandGate, a pure class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from prometheus_client import CollectorRegistry, Counter
+
+from agent.config import AgentSettings
+from agent.devices.base import Device, DeviceError
+from agent.host import HostSampler, host_info
+from common import __version__
+from common.metrics import DeviceCollector, serve_metrics
+from common.protocol import (
+    CommandResult, DeviceTelemetry, ErrorReply, Heartbeat, HeartbeatAck, Register, RegisterAccepted,
+    ReregisterRequired, SetPowerLimit, build_dispatch,
+)
+from common.transport import RemoteError, RequestTimeout, RpcEndpoint, backoff_delays, configure_socket
+
+log = logging.getLogger("murakkab.agent")
+
+
+def next_generation(state_dir: Path) -> int:
+    """Bump the generation stored on disk: every agent start is a new generation of the node."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / "generation"
+    try:
+        previous = int(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        previous = 0
+    generation = previous + 1
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{generation}\n")
+    tmp.replace(path)
+    return generation
+
+
+class CommandGate:
+    """Refuses commands from another controller epoch or node generation; replays repeated ids."""
+
+    def __init__(self, generation: int, remembered: int = 1024) -> None:
+        self.generation = generation
+        self.epoch: int | None = None
+        self.remembered = remembered
+        self._results: OrderedDict[str, CommandResult] = OrderedDict()
+
+    def refusal(self, command_id: str, epoch: int, generation: int) -> ErrorReply | None:
+        if self.epoch is None:
+            return ErrorReply("not_registered", "agent has not registered with a controller yet")
+        if epoch != self.epoch:
+            return ErrorReply("stale_command", f"command {command_id} carries controller epoch {epoch}, "
+                                               f"agent is registered with epoch {self.epoch}")
+        if generation != self.generation:
+            return ErrorReply("stale_command", f"command {command_id} is for node generation {generation}, "
+                                               f"this agent is generation {self.generation}")
+        return None
+
+    def previous_result(self, command_id: str) -> CommandResult | None:
+        return self._results.get(command_id)
+
+    def remember(self, result: CommandResult) -> None:
+        self._results[result.command_id] = result
+        while len(self._results) > self.remembered:
+            self._results.popitem(last=False)
+
+
+class AgentMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.heartbeats = Counter("murakkab_agent_heartbeats", "Heartbeats sent, by outcome.", ["result"],
+                                  registry=registry)
+        self.registrations = Counter("murakkab_agent_registrations", "Registration attempts, by outcome.",
+                                     ["result"], registry=registry)
+        self.frames_rejected = Counter("murakkab_frames_rejected", "Frames refused by strict decoding.",
+                                       ["endpoint", "code"], registry=registry)
+        self.commands = Counter("murakkab_agent_commands", "Commands received, by outcome.", ["op", "result"],
+                                registry=registry)
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings, devices: list[Device], *, ctx: zmq.asyncio.Context | None = None,
+                 clock: Callable[[], float] = time.monotonic, generation: int | None = None,
+                 host_sampler: HostSampler | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.settings = settings
+        self.devices = {d.info.index: d for d in devices}
+        self.clock = clock
+        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.generation = generation if generation is not None else next_generation(Path(settings.state_dir))
+        self.gate = CommandGate(self.generation)
+        self.host_sampler = host_sampler or HostSampler()
+        self.host = host_info()
+        self.rng = rng or random.Random()
+        self.latest: dict[int, DeviceTelemetry] = {}
+        self.state = "unregistered"
+        self.seq = 0
+        self.metrics_registry = CollectorRegistry()
+        self.metrics = AgentMetrics(self.metrics_registry)
+        self.metrics_registry.register(DeviceCollector(self._device_rows))
+        self.metrics_port = (serve_metrics(self.metrics_registry, settings.metrics_host, settings.metrics_port)
+                             if settings.metrics_enabled else None)
+        self.endpoint: RpcEndpoint | None = None
+        self.tick_hooks: list[Callable[[float], None]] = []  # e.g. a sim fault schedule
+        self.sample_devices()
+
+    # --- devices -----------------------------------------------------------------------
+
+    def sample_devices(self) -> None:
+        now = self.clock()
+        for hook in self.tick_hooks:
+            hook(now)
+        for index, device in self.devices.items():
+            try:
+                self.latest[index] = device.sample(now)
+            except DeviceError as exc:
+                log.warning("device %d: sampling failed: %s", index, exc)
+
+    async def _sample_loop(self) -> None:
+        interval = self.settings.sample_interval_s
+        deadline = self.clock()
+        while True:
+            deadline += interval
+            await asyncio.sleep(max(0.0, deadline - self.clock()))
+            self.sample_devices()
+
+    # --- controller link ---------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.settings.node_name.encode())
+        configure_socket(sock, router=False)
+        sock.connect(self.settings.controller)
+        self.endpoint = RpcEndpoint(
+            sock, router=False, name=f"agent {self.settings.node_name}",
+            dispatch=build_dispatch("agent", {SetPowerLimit: self.on_set_power_limit}),
+            on_rejected=lambda code: self.metrics.frames_rejected.labels("controller", code).inc())
+        tasks = [asyncio.create_task(self.endpoint.serve()), asyncio.create_task(self._sample_loop()),
+                 asyncio.create_task(self._link_loop())]
+        if stop is not None:
+            tasks.append(asyncio.create_task(stop.wait()))
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.endpoint.close()
+            for device in self.devices.values():
+                device.close()
+
+    async def _link_loop(self) -> None:
+        while True:
+            await self._register()
+            await self._heartbeat_until_lost()
+
+    async def _register(self) -> None:
+        assert self.endpoint is not None
+        delays = backoff_delays(self.settings.reconnect_base_s, self.settings.reconnect_cap_s, self.rng)
+        message = Register(
+            node_name=self.settings.node_name, hostname=socket.gethostname(), generation=self.generation,
+            agent_version=__version__, devices=tuple(d.info for d in self.devices.values()), host=self.host,
+            labels=dict(self.settings.labels))
+        while True:
+            try:
+                reply = await self.endpoint.request(message, timeout_s=self.settings.request_timeout_s)
+            except RequestTimeout:
+                self.metrics.registrations.labels("timeout").inc()
+                log.info("registration with %s timed out; retrying", self.settings.controller)
+            except RemoteError as exc:
+                self.metrics.registrations.labels(exc.code).inc()
+                log.error("controller refused registration: %s", exc)
+            else:
+                if isinstance(reply, RegisterAccepted):
+                    self.gate.epoch = reply.controller_epoch
+                    self.state = reply.state
+                    self.metrics.registrations.labels("accepted").inc()
+                    log.info("registered as %s generation %d with controller epoch %d (%s)",
+                             self.settings.node_name, self.generation, reply.controller_epoch, reply.state)
+                    return
+                log.error("unexpected reply to register: %s", reply.op)
+            await asyncio.sleep(next(delays))
+
+    async def _heartbeat_until_lost(self) -> None:
+        assert self.endpoint is not None
+        interval = self.settings.heartbeat_interval_s
+        missed = 0
+        deadline = self.clock()
+        while True:
+            self.seq += 1
+            message = Heartbeat(
+                node_name=self.settings.node_name, generation=self.generation, seq=self.seq,
+                sent_at_unix_s=time.time(), devices=tuple(self.latest[i] for i in sorted(self.latest)),
+                host=self.host_sampler.sample())
+            try:
+                reply = await self.endpoint.request(message, timeout_s=self.settings.request_timeout_s)
+            except RequestTimeout:
+                missed += 1
+                self.metrics.heartbeats.labels("timeout").inc()
+                if missed >= self.settings.missed_acks_before_reregister:
+                    log.warning("%d heartbeats unanswered; registering again", missed)
+                    return
+            except RemoteError as exc:
+                self.metrics.heartbeats.labels(exc.code).inc()
+                log.error("controller refused heartbeat: %s", exc)
+                return
+            else:
+                if isinstance(reply, ReregisterRequired):
+                    self.metrics.heartbeats.labels("reregister").inc()
+                    log.info("controller asks to register again: %s", reply.reason)
+                    return
+                if isinstance(reply, HeartbeatAck):
+                    missed = 0
+                    self.metrics.heartbeats.labels("ok").inc()
+                    if reply.controller_epoch != self.gate.epoch:
+                        log.info("controller epoch changed to %d; registering again", reply.controller_epoch)
+                        return
+                    self.state = reply.state
+            deadline = max(deadline + interval, self.clock())
+            await asyncio.sleep(max(0.0, deadline - self.clock()))
+
+    # --- commands ----------------------------------------------------------------------
+
+    def on_set_power_limit(self, peer: bytes, msg: SetPowerLimit) -> Any:
+        refusal = self.gate.refusal(msg.command_id, msg.controller_epoch, msg.node_generation)
+        if refusal is not None:
+            self.metrics.commands.labels("set_power_limit", refusal.code).inc()
+            log.warning("refused command: %s", refusal.message)
+            return refusal
+        previous = self.gate.previous_result(msg.command_id)
+        if previous is not None:
+            return previous
+        device = self.devices.get(msg.device_index)
+        if device is None:
+            result = CommandResult(msg.command_id, False, f"no device {msg.device_index} on this node")
+        else:
+            try:
+                applied = device.set_power_limit(msg.power_limit_w)
+            except DeviceError as exc:
+                result = CommandResult(msg.command_id, False, str(exc))
+            else:
+                result = CommandResult(msg.command_id, True, f"device {msg.device_index} power limit set to "
+                                                             f"{applied:g} W", applied)
+                log.info("device %d power limit set to %g W", msg.device_index, applied)
+        self.metrics.commands.labels("set_power_limit", "ok" if result.ok else "failed").inc()
+        self.gate.remember(result)
+        self.sample_devices()
+        return result
+
+    def _device_rows(self):  # type: ignore[no-untyped-def]
+        for index, sample in list(self.latest.items()):
+            yield self.settings.node_name, self.devices[index].info, sample

@@ -1,0 +1,235 @@
+"""ZeroMQ transport: request/reply over ROUTER and DEALER sockets with ids, timeouts and strict decoding.
+
+Both ends of a link can send requests and replies on one socket: the controller
+asks agents to act, and agents send the controller heartbeats. Replies are
+matched to pending requests by id; requests go to a dispatch table built from
+the message registry. A frame that fails to decode is counted, answered with an
+``error`` reply when its request id is readable, logged once per peer and
+interval, and otherwise dropped: it never reaches a handler or ends the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from common.protocol import MAX_FRAME_BYTES, ErrorReply, Frame, ProtocolError, decode, encode
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[bytes, Any], Any]  # (peer identity, message) -> reply | awaitable reply | None
+
+
+class RequestTimeout(Exception):
+    pass
+
+
+class PeerUnreachable(Exception):
+    """ROUTER_MANDATORY refused the send: no connected peer has that identity."""
+
+
+class RemoteError(Exception):
+    """The peer answered with an explicit error reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class RateLimitedLog:
+    """Logs a given (peer, kind) at most once per interval, counting what it held back."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic, max_keys: int = 10_000) -> None:
+        self.logger, self.interval_s, self.clock, self.max_keys = logger, interval_s, clock, max_keys
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def warning(self, peer: str, kind: str, text: str) -> bool:
+        now = self.clock()
+        key = (peer, kind)
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self.interval_s:
+            self._last[key] = (last[0], last[1] + 1)
+            return False
+        if len(self._last) >= self.max_keys:  # a flood of distinct peers must not grow memory forever
+            self._last.clear()
+        suppressed = last[1] if last else 0
+        more = f" ({suppressed} similar suppressed)" if suppressed else ""
+        self.logger.warning("%s from %s: %s%s", kind, peer, text, more)
+        self._last[key] = (now, 0)
+        return True
+
+
+def backoff_delays(base_s: float, cap_s: float, rng: random.Random | None = None) -> Iterator[float]:
+    """Capped exponential backoff with full jitter, so restarted fleets do not reconnect in lockstep."""
+    rng = rng or random.Random()
+    for attempt in itertools.count():
+        yield rng.uniform(0, min(cap_s, base_s * (2 ** min(attempt, 30))))
+
+
+def configure_socket(sock: zmq.Socket, *, router: bool) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES + 1024)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+    if router:
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted agent takes over its identity
+    else:
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # do not queue for a peer that is not connected
+
+
+class RpcEndpoint:
+    """One socket that sends requests, serves requests and matches replies by id."""
+
+    def __init__(self, sock: zmq.asyncio.Socket, *, router: bool, name: str,
+                 dispatch: Mapping[str, Handler] | None = None,
+                 on_rejected: Callable[[str], None] | None = None,
+                 log_interval_s: float = 60.0) -> None:
+        self.sock, self.router, self.name = sock, router, name
+        self.dispatch = dict(dispatch or {})
+        self.on_rejected = on_rejected or (lambda code: None)
+        self.rate_log = RateLimitedLog(log, log_interval_s)
+        self._ids = itertools.count(1)
+        self._pending: dict[tuple[bytes, int], asyncio.Future[Any]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.rejected_total = 0
+
+    # --- sending -----------------------------------------------------------------------
+
+    async def _send(self, peer: bytes, payload: bytes) -> None:
+        try:
+            if self.router:
+                await self.sock.send_multipart([peer, payload], copy=False)
+            else:
+                await self.sock.send(payload, copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                raise PeerUnreachable(f"no connected peer {peer.decode(errors='replace')!r}") from None
+            raise
+
+    async def request(self, msg: Any, *, peer: bytes = b"", timeout_s: float = 5.0) -> Any:
+        """Send a request and await its reply; an ``error`` reply raises RemoteError."""
+        request_id = next(self._ids)
+        key = (peer, request_id)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[key] = future
+        try:
+            reply = await asyncio.wait_for(self._send_and_wait(peer, encode(msg, request_id), future), timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"no reply to {msg.op} within {timeout_s:g}s") from None
+        finally:
+            self._pending.pop(key, None)
+        if isinstance(reply, ErrorReply):
+            raise RemoteError(reply.code, reply.message)
+        return reply
+
+    async def _send_and_wait(self, peer: bytes, payload: bytes, future: asyncio.Future[Any]) -> Any:
+        await self._send(peer, payload)  # may wait while no peer is connected (IMMEDIATE)
+        return await future
+
+    async def reply(self, peer: bytes, request_id: int, msg: Any) -> None:
+        try:
+            await self._send(peer, encode(msg, request_id))
+        except PeerUnreachable:
+            self.rate_log.warning(_peer_name(peer), "reply_undeliverable", f"peer left before {msg.op} reply")
+
+    # --- receiving ---------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Receive until cancelled; every frame is handled or rejected, none ends the loop."""
+        while True:
+            parts = await self.sock.recv_multipart(copy=True)
+            self.handle_parts(parts)
+
+    def handle_parts(self, parts: list[bytes]) -> None:
+        if self.router:
+            if len(parts) != 2:
+                peer = parts[0] if parts else b""
+                self._reject(peer, ProtocolError("malformed_frame", f"expected 1 payload frame, got {len(parts) - 1}"))
+                return
+            peer, payload = parts
+        else:
+            if len(parts) != 1:
+                self._reject(b"", ProtocolError("malformed_frame", f"expected 1 frame, got {len(parts)}"))
+                return
+            peer, payload = b"", parts[0]
+        try:
+            frame = decode(payload)
+        except ProtocolError as exc:
+            self._reject(peer, exc)
+            return
+        if frame.spec.kind == "reply":
+            future = self._pending.get((peer, frame.request_id))
+            if future is not None and not future.done():
+                future.set_result(frame.message)
+            return  # a late reply to a request that already timed out is harmless
+        self._dispatch(peer, frame)
+
+    def _dispatch(self, peer: bytes, frame: Frame) -> None:
+        handler = self.dispatch.get(frame.spec.op)
+        if handler is None:
+            self._reject(peer, ProtocolError("unsupported_op", f"{self.name} does not serve {frame.spec.op!r}",
+                                             frame.request_id))
+            return
+        try:
+            result = handler(peer, frame.message)
+        except Exception as exc:  # a handler bug must answer the peer, not kill the daemon
+            log.exception("%s: handler for %s failed", self.name, frame.spec.op)
+            result = ErrorReply("internal", f"{frame.spec.op} failed: {type(exc).__name__}: {exc}")
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(self._finish(peer, frame, result))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif result is not None:
+            self._send_nowait(peer, frame.request_id, result)
+
+    async def _finish(self, peer: bytes, frame: Frame, pending: Awaitable[Any]) -> None:
+        try:
+            result = await pending
+        except Exception as exc:
+            log.exception("%s: handler for %s failed", self.name, frame.spec.op)
+            result = ErrorReply("internal", f"{frame.spec.op} failed: {type(exc).__name__}: {exc}")
+        if result is not None:
+            await self.reply(peer, frame.request_id, result)
+
+    def _send_nowait(self, peer: bytes, request_id: int, msg: Any) -> None:
+        payload = encode(msg, request_id)
+        try:
+            if self.router:
+                self.sock.send_multipart([peer, payload], flags=zmq.NOBLOCK, copy=False)
+            else:
+                self.sock.send(payload, flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            self.rate_log.warning(_peer_name(peer), "reply_undeliverable", f"{msg.op}: {exc}")
+
+    def _reject(self, peer: bytes, exc: ProtocolError) -> None:
+        self.rejected_total += 1
+        self.on_rejected(exc.code)
+        self.rate_log.warning(_peer_name(peer), exc.code, exc.message)
+        if exc.request_id is not None:
+            self._send_nowait(peer, exc.request_id, ErrorReply(exc.code, exc.message))
+
+    def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for future in self._pending.values():
+            if not future.done():
+                future.cancel()
+        self.sock.close(linger=0)
+
+
+def _peer_name(peer: bytes) -> str:
+    text = peer.decode("utf-8", errors="replace")
+    return (text[:64] if text.isprintable() else peer[:32].hex()) or "peer"
+

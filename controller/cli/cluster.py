@@ -1,0 +1,214 @@
+"""``murakkabctl cluster up|down|status``: a local cluster on loopback for development and demos.
+
+A controller and N agents run as background processes, each in its own
+session so ``down`` can end a daemon together with anything it started.
+Everything lives in the state directory: configs, pids, logs, databases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from rich.console import Console
+
+from common.protocol import ListNodes
+from controller.cli.client import AdminClient, ClientError
+
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+
+
+def add_cluster_commands(sub: Any) -> None:
+    cluster = sub.add_parser("cluster", help="run a local cluster on loopback")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)
+    up = cluster_sub.add_parser("up", help="start a controller and simulated agents")
+    up.add_argument("--state-dir", type=Path, required=True)
+    up.add_argument("--sim-nodes", type=int, default=2, help="agents with simulated GPUs")
+    up.add_argument("--gpus-per-node", type=int, default=4)
+    up.add_argument("--gpu-model", default="h100", help="h100, a100 or l4")
+    up.add_argument("--cpu-node", action="store_true", help="also start an agent for this host's CPU")
+    up.add_argument("--sim-utilization", type=float, default=0.3, help="simulated GPU load, 0..1")
+    up.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds")
+    up.add_argument("--suspect-after", type=float, default=3.0, help="seconds without heartbeat")
+    up.add_argument("--lost-after", type=float, default=10.0, help="seconds without heartbeat")
+    up.add_argument("--seed", type=int, default=0)
+    up.set_defaults(handler=cluster_up)
+    down = cluster_sub.add_parser("down", help="stop every process of a local cluster")
+    down.add_argument("--state-dir", type=Path, required=True)
+    down.set_defaults(handler=cluster_down)
+    status = cluster_sub.add_parser("status", help="which processes of a local cluster are running")
+    status.add_argument("--state-dir", type=Path, required=True)
+    status.set_defaults(handler=cluster_status)
+
+
+def _proc_start_ticks(pid: int) -> int | None:
+    """The process start time in clock ticks since boot, or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    if fields[0] == "Z":  # a zombie is not running
+        return None
+    return int(fields[19])
+
+
+def _alive(pid: int) -> bool:
+    return _proc_start_ticks(pid) is not None
+
+
+def _pids(state_dir: Path) -> dict[str, int]:
+    """Recorded pids that still belong to the process we started (pids get reused)."""
+    pids = {}
+    for path in sorted((state_dir / "pids").glob("*.pid")):
+        try:
+            pid_text, start_text = path.read_text().split()
+            pid, start_ticks = int(pid_text), int(start_text)
+        except ValueError:
+            continue
+        if _proc_start_ticks(pid) in (start_ticks, None):
+            pids[path.stem] = pid
+    return pids
+
+
+def _spawn(state_dir: Path, name: str, argv: list[str]) -> int:
+    (state_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (state_dir / "pids").mkdir(parents=True, exist_ok=True)
+    with open(state_dir / "logs" / f"{name}.log", "ab") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=state_dir)
+    (state_dir / "pids" / f"{name}.pid").write_text(f"{proc.pid} {_proc_start_ticks(proc.pid) or 0}\n")
+    return proc.pid
+
+
+def _write_toml(path: Path, document: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(document))
+    return path
+
+
+def _wait_for(predicate: Any, timeout_s: float, what: str, pid_to_watch: dict[str, int], state_dir: Path) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        dead = [name for name, pid in pid_to_watch.items() if not _alive(pid)]
+        if dead:
+            raise ClientError(f"{', '.join(dead)} exited during start-up; see {state_dir / 'logs'}")
+        time.sleep(0.1)
+    raise ClientError(f"timed out after {timeout_s:g}s waiting for {what}; see {state_dir / 'logs'}")
+
+
+def cluster_up(args: argparse.Namespace, console: Console) -> int:
+    state_dir: Path = args.state_dir.resolve()
+    running = {n: p for n, p in _pids(state_dir).items() if _alive(p)}
+    if running:
+        raise ClientError(f"a cluster is already running in {state_dir} ({', '.join(running)}); "
+                          f"run 'murakkabctl cluster down --state-dir {args.state_dir}' first")
+    if args.sim_nodes < 0 or args.gpus_per_node < 1 or (args.sim_nodes == 0 and not args.cpu_node):
+        raise ClientError("need --sim-nodes >= 1 (or --cpu-node) and --gpus-per-node >= 1")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    endpoints_file = state_dir / "controller" / "endpoints.json"
+    endpoints_file.unlink(missing_ok=True)
+    controller_cfg = _write_toml(state_dir / "controller.toml", {"controller": {
+        "agent_bind": "tcp://127.0.0.1:*", "admin_bind": "tcp://127.0.0.1:*",
+        "state_dir": str(state_dir / "controller"), "metrics_host": "127.0.0.1", "metrics_port": 0,
+        "heartbeat_interval_s": args.heartbeat_interval, "suspect_after_s": args.suspect_after,
+        "lost_after_s": args.lost_after,
+    }})
+    started = {"controller": _spawn(state_dir, "controller",
+                                    [sys.executable, "-m", "controller.main", "--config", str(controller_cfg)])}
+    endpoints = _wait_for(lambda: endpoints_file.exists() and json.loads(endpoints_file.read_text()),
+                          30.0, "the controller to bind", started, state_dir)
+    agents: list[tuple[str, dict[str, Any]]] = []
+    for i in range(1, args.sim_nodes + 1):
+        agents.append((f"sim-node-{i}", {"backend": "sim", "include_cpu": False, "sim": {
+            "model": args.gpu_model, "count": args.gpus_per_node, "seed": args.seed * 1000 + i,
+            "utilization": args.sim_utilization}}))
+    if args.cpu_node:
+        agents.append(("cpu-node", {"backend": "cpu", "include_cpu": True}))
+    for name, devices in agents:
+        config = _write_toml(state_dir / "agents" / name / "agent.toml", {
+            "agent": {"node_name": name, "controller": endpoints["agents"], "state_dir": str(state_dir / "agents" / name),
+                      "heartbeat_interval_s": args.heartbeat_interval, "labels": {"cluster": "local"}},
+            "devices": devices})
+        started[name] = _spawn(state_dir, name, [sys.executable, "-m", "agent.main", "--config", str(config)])
+    (state_dir / "controller.addr").write_text(endpoints["admin"] + "\n")
+    wanted = {name for name, _ in agents}
+
+    def all_ready() -> bool:
+        try:
+            with AdminClient(endpoints["admin"], timeout_s=2.0) as client:
+                nodes = client.call(ListNodes()).nodes
+        except ClientError:
+            return False
+        return wanted <= {n.name for n in nodes if n.state in ("ready", "draining", "drained")}
+
+    _wait_for(all_ready, READY_TIMEOUT_S, f"{len(wanted)} nodes to be ready", started, state_dir)
+    console.print(f"local cluster up in {state_dir}: controller and {len(wanted)} agents "
+                  f"({', '.join(sorted(wanted))})", highlight=False)
+    print(f"export MURAKKAB_CONTROLLER={endpoints['admin']}")
+    return 0
+
+
+def cluster_down(args: argparse.Namespace, console: Console) -> int:
+    state_dir: Path = args.state_dir.resolve()
+    pids = _pids(state_dir)
+    if not pids:
+        console.print(f"no cluster processes recorded in {state_dir}")
+        return 0
+    # Agents first, so the controller does not log every one of them as lost.
+    order = sorted(pids, key=lambda name: name == "controller")
+    for name in order:
+        _signal_group(pids[name], signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while time.monotonic() < deadline and any(_alive(p) for p in pids.values()):
+        time.sleep(0.05)
+    forced = [name for name, pid in pids.items() if _alive(pid)]
+    for name in forced:
+        _signal_group(pids[name], signal.SIGKILL)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while time.monotonic() < deadline and any(_alive(p) for p in pids.values()):
+        time.sleep(0.05)
+    left = [name for name, pid in pids.items() if _alive(pid)]
+    for name in pids:
+        if name not in left:
+            (state_dir / "pids" / f"{name}.pid").unlink(missing_ok=True)
+    if left:
+        raise ClientError(f"still running after SIGKILL: {', '.join(left)}")
+    note = f" ({len(forced)} needed SIGKILL: {', '.join(forced)})" if forced else ""
+    console.print(f"stopped {len(pids)} processes in {state_dir}{note}", highlight=False)
+    return 0
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)  # each daemon leads its own session (start_new_session)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        os.kill(pid, sig)
+
+
+def cluster_status(args: argparse.Namespace, console: Console) -> int:
+    state_dir: Path = args.state_dir.resolve()
+    pids = _pids(state_dir)
+    if not pids:
+        console.print(f"no cluster in {state_dir}")
+        return 1
+    for name, pid in pids.items():
+        console.print(f"{name:20} pid {pid:7}  {'running' if _alive(pid) else 'exited'}", highlight=False)
+    addr = state_dir / "controller.addr"
+    if addr.exists():
+        print(f"export MURAKKAB_CONTROLLER={addr.read_text().strip()}")
+    return 0 if all(_alive(p) for p in pids.values()) else 1

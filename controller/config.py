@@ -1,0 +1,43 @@
+"""Controller configuration (the [controller] table of its TOML file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from common.config import load_toml_config
+
+
+class ControllerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    agent_bind: str = "tcp://127.0.0.1:7500"
+    admin_bind: str = "tcp://127.0.0.1:7501"
+    state_dir: Path = Path("/var/lib/murakkab/controller")
+    metrics_host: str = "127.0.0.1"
+    metrics_enabled: bool = True
+    metrics_port: int = Field(9400, ge=0, le=65535, description="0 lets the OS pick a free port")
+    heartbeat_interval_s: float = Field(1.0, gt=0, le=60)
+    suspect_after_s: float = Field(5.0, gt=0)
+    lost_after_s: float = Field(30.0, gt=0)
+    tick_interval_s: float = Field(0.25, gt=0, le=10)
+    telemetry_history: int = Field(300, ge=1, le=100_000)
+    command_timeout_s: float = Field(5.0, gt=0, le=300)
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _timeouts_ordered(self) -> "ControllerSettings":
+        if not self.heartbeat_interval_s < self.suspect_after_s < self.lost_after_s:
+            raise ValueError("need heartbeat_interval_s < suspect_after_s < lost_after_s")
+        return self
+
+
+class ControllerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    controller: ControllerSettings = ControllerSettings()
+
+
+def load_controller_config(path: Path) -> ControllerConfig:
+    return load_toml_config(path, "controller", ControllerConfig)

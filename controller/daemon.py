@@ -1,0 +1,210 @@
+"""The controller daemon: a thin asyncio shell around the node registry and the store.
+
+It binds one ROUTER for agents and one for the admin CLI, feeds registrations,
+heartbeats and clock ticks to the registry, and performs the actions it returns
+(answer agents, persist admin state, log transitions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from common import __version__
+from common.metrics import DeviceCollector, serve_metrics
+from common.protocol import (
+    ErrorReply, Heartbeat, HeartbeatAck, Register, RegisterAccepted, ReregisterRequired, SetPowerLimit,
+    build_dispatch,
+)
+from common.transport import PeerUnreachable, RemoteError, RequestTimeout, RpcEndpoint, configure_socket
+from controller.admin import AdminApi
+from controller.config import ControllerSettings
+from controller.registry import (
+    Accepted, Action, HeartbeatReceived, NodeRecord, NodeRegistered, NodeRegistry, PersistNode, RegistryConfig,
+    Rejected, StateChanged, Tick,
+)
+from controller.store import Store, StoredNode
+
+log = logging.getLogger("murakkab.controller")
+
+
+class ControllerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.frames_rejected = Counter("murakkab_frames_rejected", "Frames refused by strict decoding.",
+                                       ["endpoint", "code"], registry=registry)
+        self.heartbeats = Counter("murakkab_heartbeats", "Heartbeats received.", ["result"], registry=registry)
+        self.heartbeat_handling = Histogram(
+            "murakkab_heartbeat_handling_seconds", "Time from a heartbeat's arrival to its reply.",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=registry)
+        self.transitions = Counter("murakkab_node_transitions", "Node state transitions.", ["to"], registry=registry)
+        self.commands = Counter("murakkab_commands", "Commands sent to agents.", ["op", "result"], registry=registry)
+
+
+class Controller:
+    def __init__(self, settings: ControllerSettings, *, clock: Any = time.monotonic) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.started_s = clock()
+        self.unix_offset_s = time.time() - self.started_s
+        self.store = Store(Path(settings.state_dir) / "controller.sqlite3")
+        self.epoch = self.store.next_epoch()
+        self.registry = NodeRegistry(RegistryConfig(
+            settings.suspect_after_s, settings.lost_after_s, settings.telemetry_history))
+        for node in self.store.load_nodes():
+            self.registry.restore(node.name, node.hostname, node.generation, node.admin_state,
+                                  node.drain_reason, node.labels, self.started_s)
+        self.metrics_registry = CollectorRegistry()
+        self.metrics = ControllerMetrics(self.metrics_registry)
+        self.metrics_registry.register(DeviceCollector(self._device_rows))
+        self.ctx = zmq.asyncio.Context()
+        self.agents: RpcEndpoint | None = None
+        self.admin: RpcEndpoint | None = None
+        self.agent_endpoint = self.admin_endpoint = ""
+        self.metrics_port: int | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    def to_unix(self, monotonic_s: float | None) -> float | None:
+        return None if monotonic_s is None else monotonic_s + self.unix_offset_s
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        agent_sock = self.ctx.socket(zmq.ROUTER)
+        configure_socket(agent_sock, router=True)
+        agent_sock.bind(self.settings.agent_bind)
+        self.agent_endpoint = agent_sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        admin_sock = self.ctx.socket(zmq.ROUTER)
+        configure_socket(admin_sock, router=True)
+        admin_sock.bind(self.settings.admin_bind)
+        self.admin_endpoint = admin_sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        api = AdminApi(self)
+        self.agents = RpcEndpoint(
+            agent_sock, router=True, name="controller.agents",
+            dispatch=build_dispatch("controller.agents", {Register: self.on_register, Heartbeat: self.on_heartbeat}),
+            on_rejected=lambda code: self.metrics.frames_rejected.labels("agents", code).inc())
+        self.admin = RpcEndpoint(
+            admin_sock, router=True, name="controller.admin", dispatch=api.dispatch,
+            on_rejected=lambda code: self.metrics.frames_rejected.labels("admin", code).inc())
+        self.metrics_port = (serve_metrics(self.metrics_registry, self.settings.metrics_host, self.settings.metrics_port)
+                             if self.settings.metrics_enabled else None)
+        self._tasks = [asyncio.create_task(self.agents.serve()), asyncio.create_task(self.admin.serve()),
+                       asyncio.create_task(self._tick_loop())]
+        self._write_endpoints()
+        log.info("controller epoch %d serving agents on %s, admin on %s, metrics on %s",
+                 self.epoch, self.agent_endpoint, self.admin_endpoint, self.metrics_port)
+
+    def _write_endpoints(self) -> None:
+        """Publish bound addresses (ports may have been chosen by the OS) for tools to find."""
+        path = Path(self.settings.state_dir) / "endpoints.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"agents": self.agent_endpoint, "admin": self.admin_endpoint,
+                                   "metrics_port": self.metrics_port, "epoch": self.epoch}))
+        tmp.replace(path)
+
+    async def run_forever(self, stop: asyncio.Event) -> None:
+        await self.start()
+        try:
+            waiter = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([waiter, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not waiter and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for endpoint in (self.agents, self.admin):
+            if endpoint is not None:
+                endpoint.close()
+        self.ctx.term()
+        self.store.close()
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.tick_interval_s)
+            self.apply(self.registry.handle(Tick(self.clock())))
+
+    # --- registry actions --------------------------------------------------------------
+
+    def apply(self, actions: list[Action]) -> Accepted | Rejected | None:
+        """Perform side effects and return the answer for the agent, if any."""
+        answer: Accepted | Rejected | None = None
+        for action in actions:
+            match action:
+                case StateChanged(name, old, new, reason):
+                    self.metrics.transitions.labels(new).inc()
+                    level = logging.WARNING if new in ("suspect", "lost") else logging.INFO
+                    log.log(level, "node %s: %s -> %s (%s)", name, old, new, reason)
+                case PersistNode():
+                    self.store.save_node(StoredNode(action.name, action.hostname, action.generation,
+                                                    action.admin_state, action.drain_reason, action.labels))
+                case Accepted() | Rejected():
+                    answer = action
+        return answer
+
+    # --- agent endpoint ----------------------------------------------------------------
+
+    def on_register(self, peer: bytes, msg: Register) -> Any:
+        if peer != msg.node_name.encode():
+            return ErrorReply("identity_mismatch", f"socket identity {peer!r} does not match node {msg.node_name!r}")
+        answer = self.apply(self.registry.handle(NodeRegistered(
+            msg.node_name, msg.hostname, msg.generation, msg.devices, msg.host, dict(msg.labels), self.clock())))
+        if isinstance(answer, Rejected):
+            return ErrorReply(answer.code, answer.message)
+        assert answer is not None
+        return RegisterAccepted(self.epoch, self.settings.heartbeat_interval_s, answer.state)
+
+    def on_heartbeat(self, peer: bytes, msg: Heartbeat) -> Any:
+        started = time.perf_counter()
+        if peer != msg.node_name.encode():
+            self.metrics.heartbeats.labels("identity_mismatch").inc()
+            return ErrorReply("identity_mismatch", f"socket identity {peer!r} does not match node {msg.node_name!r}")
+        answer = self.apply(self.registry.handle(HeartbeatReceived(
+            msg.node_name, msg.generation, msg.devices, msg.host, msg.running_components, self.clock())))
+        if isinstance(answer, Rejected):
+            self.metrics.heartbeats.labels(answer.code).inc()
+            reply: Any = (ReregisterRequired(answer.message, self.epoch) if answer.code == "reregister"
+                          else ErrorReply(answer.code, answer.message))
+        else:
+            self.metrics.heartbeats.labels("ok").inc()
+            reply = HeartbeatAck(self.epoch, answer.state if answer else "unknown")
+        self.metrics.heartbeat_handling.observe(time.perf_counter() - started)
+        return reply
+
+    # --- commands to agents ------------------------------------------------------------
+
+    async def set_power_limit(self, node: NodeRecord, device_index: int, power_limit_w: float) -> Any:
+        command = SetPowerLimit(uuid.uuid4().hex, self.epoch, node.generation, device_index, power_limit_w)
+        assert self.agents is not None
+        try:
+            result = await self.agents.request(command, peer=node.name.encode(),
+                                               timeout_s=self.settings.command_timeout_s)
+        except (RequestTimeout, PeerUnreachable, RemoteError) as exc:
+            code = exc.code if isinstance(exc, RemoteError) else type(exc).__name__
+            self.metrics.commands.labels("set_power_limit", code).inc()
+            return ErrorReply("command_failed", f"set_power_limit on {node.name}: {exc}")
+        self.metrics.commands.labels("set_power_limit", "ok" if result.ok else "refused").inc()
+        return result
+
+    # --- metrics -----------------------------------------------------------------------
+
+    def _device_rows(self):  # type: ignore[no-untyped-def]
+        for node in list(self.registry.nodes.values()):
+            infos = {d.index: d for d in node.devices}
+            for sample in node.latest_telemetry():
+                info = infos.get(sample.index)
+                if info is not None:
+                    yield node.name, info, sample

@@ -1,0 +1,74 @@
+"""Durable controller state in SQLite: the controller epoch and each node's admin state.
+
+Only facts an operator would be upset to lose live here (drains with their
+reasons, labels, last known generation); live telemetry stays in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY,
+    hostname TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    admin_state TEXT NOT NULL CHECK (admin_state IN ('active', 'draining', 'drained')),
+    drain_reason TEXT,
+    labels_json TEXT NOT NULL,
+    updated_at_unix_s REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class StoredNode:
+    name: str
+    hostname: str
+    generation: int
+    admin_state: str
+    drain_reason: str | None
+    labels: dict[str, str]
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    def next_epoch(self) -> int:
+        """Bump and return the controller epoch; commands from older epochs are then stale."""
+        with self.db:
+            row = self.db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+            epoch = int(row[0]) + 1 if row else 1
+            self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch', ?)", (str(epoch),))
+        return epoch
+
+    def save_node(self, node: StoredNode) -> None:
+        self.db.execute(
+            "INSERT INTO nodes (name, hostname, generation, admin_state, drain_reason, labels_json, updated_at_unix_s)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET hostname = excluded.hostname,"
+            " generation = excluded.generation, admin_state = excluded.admin_state,"
+            " drain_reason = excluded.drain_reason, labels_json = excluded.labels_json,"
+            " updated_at_unix_s = excluded.updated_at_unix_s",
+            (node.name, node.hostname, node.generation, node.admin_state, node.drain_reason,
+             json.dumps(node.labels, sort_keys=True), time.time()),
+        )
+
+    def load_nodes(self) -> list[StoredNode]:
+        rows = self.db.execute(
+            "SELECT name, hostname, generation, admin_state, drain_reason, labels_json FROM nodes ORDER BY name"
+        ).fetchall()
+        return [StoredNode(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
+
+    def close(self) -> None:
+        self.db.close()
