@@ -19,10 +19,10 @@ install: $(STAMP)
 
 demo: install
 	@$(VENV)/bin/murakkabctl cluster down --state-dir $(DEMO_DIR) >/dev/null 2>&1 || true
-	$(VENV)/bin/murakkabctl cluster up --state-dir $(DEMO_DIR) --sim-nodes 3 --gpus-per-node 4 --gpu-model h100 --cpu-node
+	$(VENV)/bin/murakkabctl cluster up --state-dir $(DEMO_DIR) --sim-nodes 3 --gpus-per-node 4 --gpu-model h100 --cpu-node --sim-utilization 1.0
 	@export MURAKKAB_CONTROLLER=$$(cat $(DEMO_DIR)/controller.addr); \
 	  set -e; trap '$(VENV)/bin/murakkabctl cluster down --state-dir $(DEMO_DIR)' EXIT; \
-	  $(PY) -m controller.cli.demo
+	  ./examples/demo.sh
 
 test: install
 	$(PY) -m pytest -q

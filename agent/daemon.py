@@ -18,7 +18,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from agent.config import AgentSettings
 from agent.devices.base import Device, DeviceError
@@ -88,6 +88,9 @@ class AgentMetrics:
                                        ["endpoint", "code"], registry=registry)
         self.commands = Counter("murakkab_agent_commands", "Commands received, by outcome.", ["op", "result"],
                                 registry=registry)
+        self.heartbeat_rtt = Histogram(
+            "murakkab_agent_heartbeat_rtt_seconds", "Heartbeat send to acknowledgement.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5), registry=registry)
 
 
 class Agent:
@@ -114,6 +117,7 @@ class Agent:
                              if settings.metrics_enabled else None)
         self.endpoint: RpcEndpoint | None = None
         self.tick_hooks: list[Callable[[float], None]] = []  # e.g. a sim fault schedule
+        self.heartbeat_rtt_observers: list[Callable[[float], None]] = [self.metrics.heartbeat_rtt.observe]
         self.sample_devices()
 
     # --- devices -----------------------------------------------------------------------
@@ -207,6 +211,7 @@ class Agent:
                 node_name=self.settings.node_name, generation=self.generation, seq=self.seq,
                 sent_at_unix_s=time.time(), devices=tuple(self.latest[i] for i in sorted(self.latest)),
                 host=self.host_sampler.sample())
+            sent = time.perf_counter()
             try:
                 reply = await self.endpoint.request(message, timeout_s=self.settings.request_timeout_s)
             except RequestTimeout:
@@ -225,6 +230,9 @@ class Agent:
                     log.info("controller asks to register again: %s", reply.reason)
                     return
                 if isinstance(reply, HeartbeatAck):
+                    rtt_s = time.perf_counter() - sent
+                    for observe in self.heartbeat_rtt_observers:
+                        observe(rtt_s)
                     missed = 0
                     self.metrics.heartbeats.labels("ok").inc()
                     if reply.controller_epoch != self.gate.epoch:

@@ -19,7 +19,6 @@ import zmq
 import zmq.asyncio
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from common import __version__
 from common.metrics import DeviceCollector, serve_metrics
 from common.protocol import (
     ErrorReply, Heartbeat, HeartbeatAck, Register, RegisterAccepted, ReregisterRequired, SetPowerLimit,

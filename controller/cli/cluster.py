@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -80,7 +81,7 @@ def _pids(state_dir: Path) -> dict[str, int]:
     return pids
 
 
-def _spawn(state_dir: Path, name: str, argv: list[str]) -> int:
+def spawn(state_dir: Path, name: str, argv: list[str]) -> int:
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
     (state_dir / "pids").mkdir(parents=True, exist_ok=True)
     with open(state_dir / "logs" / f"{name}.log", "ab") as log:
@@ -88,6 +89,13 @@ def _spawn(state_dir: Path, name: str, argv: list[str]) -> int:
                                 start_new_session=True, cwd=state_dir)
     (state_dir / "pids" / f"{name}.pid").write_text(f"{proc.pid} {_proc_start_ticks(proc.pid) or 0}\n")
     return proc.pid
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def _write_toml(path: Path, document: dict[str, Any]) -> Path:
@@ -121,12 +129,13 @@ def cluster_up(args: argparse.Namespace, console: Console) -> int:
     endpoints_file = state_dir / "controller" / "endpoints.json"
     endpoints_file.unlink(missing_ok=True)
     controller_cfg = _write_toml(state_dir / "controller.toml", {"controller": {
-        "agent_bind": "tcp://127.0.0.1:*", "admin_bind": "tcp://127.0.0.1:*",
+        # Fixed ports (not "*") so a restarted controller comes back where its agents look for it.
+        "agent_bind": f"tcp://127.0.0.1:{free_port()}", "admin_bind": f"tcp://127.0.0.1:{free_port()}",
         "state_dir": str(state_dir / "controller"), "metrics_host": "127.0.0.1", "metrics_port": 0,
         "heartbeat_interval_s": args.heartbeat_interval, "suspect_after_s": args.suspect_after,
         "lost_after_s": args.lost_after,
     }})
-    started = {"controller": _spawn(state_dir, "controller",
+    started = {"controller": spawn(state_dir, "controller",
                                     [sys.executable, "-m", "controller.main", "--config", str(controller_cfg)])}
     endpoints = _wait_for(lambda: endpoints_file.exists() and json.loads(endpoints_file.read_text()),
                           30.0, "the controller to bind", started, state_dir)
@@ -142,7 +151,7 @@ def cluster_up(args: argparse.Namespace, console: Console) -> int:
             "agent": {"node_name": name, "controller": endpoints["agents"], "state_dir": str(state_dir / "agents" / name),
                       "heartbeat_interval_s": args.heartbeat_interval, "labels": {"cluster": "local"}},
             "devices": devices})
-        started[name] = _spawn(state_dir, name, [sys.executable, "-m", "agent.main", "--config", str(config)])
+        started[name] = spawn(state_dir, name, [sys.executable, "-m", "agent.main", "--config", str(config)])
     (state_dir / "controller.addr").write_text(endpoints["admin"] + "\n")
     wanted = {name for name, _ in agents}
 

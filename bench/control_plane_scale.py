@@ -1,0 +1,210 @@
+"""Control-plane scale: one controller, many simulated agents heartbeating at 1 Hz with telemetry.
+
+The controller runs as the real daemon in its own process; the agents are the
+real Agent class with simulated GPUs, many per worker process. The controller's
+CPU is read from /proc over the measurement window; heartbeat latency is the
+round trip each agent measures from send to acknowledgement (an upper bound on
+the controller's handling time, which is also read from its Prometheus
+histogram).
+
+    .venv/bin/python bench/control_plane_scale.py --agents 1000 --seconds 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common.protocol import ListNodes  # noqa: E402
+from controller.cli.client import AdminClient, ClientError  # noqa: E402
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+# --- worker: many agents in one process ------------------------------------------------
+
+
+async def run_worker(args: argparse.Namespace) -> None:
+    import random
+
+    import zmq.asyncio
+
+    from agent.config import AgentSettings
+    from agent.daemon import Agent
+    from agent.devices.sim import open_sim_devices
+    from agent.host import HostSampler
+
+    ctx = zmq.asyncio.Context()
+    host = HostSampler()
+    samples: list[tuple[float, float]] = []
+    agents = []
+    for i in range(args.offset, args.offset + args.count):
+        name = f"bench-{i:04d}"
+        settings = AgentSettings(node_name=name, controller=args.controller, state_dir=Path(args.state_dir),
+                                 heartbeat_interval_s=1.0, sample_interval_s=1.0, request_timeout_s=5.0,
+                                 missed_acks_before_reregister=5, reconnect_cap_s=5.0)
+        devices = open_sim_devices(node_name=name, model="h100", count=args.gpus, seed=i, utilization=0.5,
+                                   ambient_c=25.0, start_s=time.monotonic())
+        agent = Agent(settings, devices, ctx=ctx, generation=1, host_sampler=host, rng=random.Random(i))
+        agent.heartbeat_rtt_observers.append(lambda rtt, s=samples: s.append((time.time(), rtt)))
+        agents.append(agent)
+    stop = asyncio.Event()
+    tasks = []
+    for k, agent in enumerate(agents):
+        # Spread the agents over the heartbeat interval, as independent hosts would be.
+        await asyncio.sleep(1.0 / len(agents))
+        tasks.append(asyncio.create_task(agent.run(stop)))
+    stop_file = Path(args.stop_file)
+    while not stop_file.exists():
+        await asyncio.sleep(0.2)
+    stop.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    Path(args.out).write_text(json.dumps(samples))
+    ctx.term()
+
+
+# --- driver ----------------------------------------------------------------------------
+
+
+def histogram_quantiles(metrics_url: str) -> dict[str, float]:
+    """Estimate p50/p99 of the controller's handling-time histogram (upper bucket bound)."""
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    buckets = []
+    for line in text.splitlines():
+        if line.startswith("murakkab_heartbeat_handling_seconds_bucket"):
+            le = line.split('le="')[1].split('"')[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    total = buckets[-1][1]
+    result = {"count": total}
+    for name, q in (("p50_le_s", 0.5), ("p99_le_s", 0.99)):
+        result[name] = next(le for le, count in buckets if count >= q * total)
+    return result
+
+
+def drive(args: argparse.Namespace) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="murakkab-bench-"))
+    (work / "controller.toml").write_text(
+        "[controller]\nagent_bind = \"tcp://127.0.0.1:*\"\nadmin_bind = \"tcp://127.0.0.1:*\"\n"
+        f"state_dir = \"{work / 'controller'}\"\nmetrics_port = 0\nsuspect_after_s = 5.0\nlost_after_s = 30.0\n"
+        "log_level = \"WARNING\"\n")
+    controller = subprocess.Popen([sys.executable, "-m", "controller.main", "--config", str(work / "controller.toml")],
+                                  cwd=ROOT, stdout=open(work / "controller.log", "wb"), stderr=subprocess.STDOUT)
+    workers: list[subprocess.Popen] = []
+    try:
+        endpoints_file = work / "controller" / "endpoints.json"
+        deadline = time.monotonic() + 30
+        while not endpoints_file.exists():
+            if time.monotonic() > deadline or controller.poll() is not None:
+                raise SystemExit(f"controller did not start; see {work / 'controller.log'}")
+            time.sleep(0.1)
+        endpoints = json.loads(endpoints_file.read_text())
+        per_worker = -(-args.agents // args.workers)
+        stop_file = work / "stop"
+        for w in range(args.workers):
+            offset, count = w * per_worker, min(per_worker, args.agents - w * per_worker)
+            if count <= 0:
+                break
+            workers.append(subprocess.Popen(
+                [sys.executable, __file__, "--worker", "--controller", endpoints["agents"], "--offset", str(offset),
+                 "--count", str(count), "--gpus", str(args.gpus), "--state-dir", str(work / "agents"),
+                 "--stop-file", str(stop_file), "--out", str(work / f"worker-{w}.json")],
+                cwd=ROOT, stdout=open(work / f"worker-{w}.log", "wb"), stderr=subprocess.STDOUT))
+        with AdminClient(endpoints["admin"], timeout_s=10) as client:
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    nodes = client.call(ListNodes()).nodes
+                except ClientError:
+                    nodes = ()
+                ready = sum(1 for n in nodes if n.state == "ready")
+                if ready >= args.agents:
+                    break
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"only {ready}/{args.agents} agents ready after 180 s; see {work}")
+                time.sleep(1)
+        time.sleep(args.warmup)
+        proc = psutil.Process(controller.pid)
+        metrics_url = f"http://127.0.0.1:{endpoints['metrics_port']}/metrics"
+        before = histogram_quantiles(metrics_url)
+        cpu0, t0 = proc.cpu_times(), time.time()
+        time.sleep(args.seconds)
+        cpu1, t1 = proc.cpu_times(), time.time()
+        after = histogram_quantiles(metrics_url)
+        rss_bytes = proc.memory_info().rss
+        stop_file.touch()
+        for worker in workers:
+            worker.wait(timeout=60)
+        rtts = []
+        for w in range(len(workers)):
+            rtts += [rtt for at, rtt in json.loads((work / f"worker-{w}.json").read_text()) if t0 <= at <= t1]
+        cpu_s = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+        return {
+            "agents": args.agents, "gpus_per_agent": args.gpus, "window_s": round(t1 - t0, 1),
+            "controller_cpu_share_of_one_core": round(cpu_s / (t1 - t0), 4),
+            "controller_rss_mb": round(rss_bytes / 1e6, 1),
+            "heartbeats_in_window": len(rtts),
+            "heartbeats_per_s": round(len(rtts) / (t1 - t0), 1),
+            "rtt_p50_ms": round(quantile(rtts, 0.50) * 1000, 2),
+            "rtt_p99_ms": round(quantile(rtts, 0.99) * 1000, 2),
+            "rtt_max_ms": round(max(rtts) * 1000, 2) if rtts else None,
+            "rtt_mean_ms": round(statistics.fmean(rtts) * 1000, 2) if rtts else None,
+            "controller_handling_histogram": {"heartbeats": after["count"] - before["count"],
+                                              "p50_le_s": after["p50_le_s"], "p99_le_s": after["p99_le_s"]},
+            "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+            "state_dir": str(work),
+        }
+    finally:
+        (work / "stop").touch()
+        for worker in workers:
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        controller.terminate()
+        controller.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--agents", type=int, default=1000)
+    parser.add_argument("--gpus", type=int, default=8, help="simulated GPUs per agent")
+    parser.add_argument("--workers", type=int, default=4, help="agent processes")
+    parser.add_argument("--seconds", type=float, default=60.0, help="measurement window")
+    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "control_plane_scale.json")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--controller", help=argparse.SUPPRESS)
+    parser.add_argument("--offset", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--state-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--stop-file", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        asyncio.run(run_worker(args))
+        return
+    result = drive(args)
+    result["targets"] = {"controller_cpu_share_of_one_core": "<= 0.30", "rtt_p99_ms": "<= 50"}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""An in-process cluster over loopback ZeroMQ: the real Controller and real Agents in one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq.asyncio
+
+from agent.config import AgentSettings
+from agent.daemon import Agent
+from agent.devices.sim import open_sim_devices
+from controller.config import ControllerSettings
+from controller.daemon import Controller
+
+FAST = dict(heartbeat_interval_s=0.1, suspect_after_s=0.6, lost_after_s=1.5, tick_interval_s=0.05)
+
+
+@dataclass
+class InProcessCluster:
+    controller: Controller
+    agents: dict[str, Agent]
+    stops: dict[str, asyncio.Event] = field(default_factory=dict)
+    tasks: dict[str, asyncio.Task] = field(default_factory=dict)
+
+    @property
+    def admin_address(self) -> str:
+        return self.controller.admin_endpoint
+
+    async def stop_agent(self, name: str) -> None:
+        self.stops[name].set()
+        await asyncio.wait_for(self.tasks[name], 5)
+
+
+async def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def in_process_cluster(tmp_path: Path, nodes: int = 2, gpus: int = 2, model: str = "h100",
+                             utilization: float = 1.0) -> AsyncIterator[InProcessCluster]:
+    settings = ControllerSettings(agent_bind="tcp://127.0.0.1:*", admin_bind="tcp://127.0.0.1:*",
+                                  state_dir=tmp_path / "controller", metrics_port=0, **FAST)
+    controller = Controller(settings)
+    await controller.start()
+    ctx = zmq.asyncio.Context()
+    cluster = InProcessCluster(controller, {})
+    try:
+        for i in range(nodes):
+            name = f"node-{i}"
+            agent_settings = AgentSettings(
+                node_name=name, controller=controller.agent_endpoint, state_dir=tmp_path / name,
+                heartbeat_interval_s=FAST["heartbeat_interval_s"], sample_interval_s=0.05, request_timeout_s=0.5,
+                reconnect_base_s=0.05, reconnect_cap_s=0.5)
+            devices = open_sim_devices(node_name=name, model=model, count=gpus, seed=i, utilization=utilization,
+                                       ambient_c=25.0, start_s=time.monotonic())
+            agent = Agent(agent_settings, devices, ctx=ctx)
+            cluster.agents[name] = agent
+            cluster.stops[name] = asyncio.Event()
+            cluster.tasks[name] = asyncio.create_task(agent.run(cluster.stops[name]))
+        await wait_until(lambda: all(controller.registry.nodes.get(n) is not None
+                                     and controller.registry.nodes[n].state == "ready" for n in cluster.agents),
+                         what="all nodes ready")
+        yield cluster
+    finally:
+        for stop in cluster.stops.values():
+            stop.set()
+        await asyncio.gather(*cluster.tasks.values(), return_exceptions=True)
+        await controller.close()
+        ctx.term()
