@@ -26,7 +26,7 @@ class AgentSettings(BaseModel):
     reconnect_base_s: float = Field(0.2, gt=0)
     reconnect_cap_s: float = Field(10.0, gt=0)
     metrics_host: str = "127.0.0.1"
-    metrics_enabled: bool = False
+    metrics_enabled: bool = True
     metrics_port: int = Field(9401, ge=0, le=65535, description="0 lets the OS pick a free port")
     log_level: str = "INFO"
     labels: dict[str, str] = Field(default_factory=dict)

@@ -194,8 +194,9 @@ class Agent:
                     self.gate.epoch = reply.controller_epoch
                     self.state = reply.state
                     self.metrics.registrations.labels("accepted").inc()
-                    log.info("registered as %s generation %d with controller epoch %d (%s)",
-                             self.settings.node_name, self.generation, reply.controller_epoch, reply.state)
+                    log.info("registered as %s generation %d with controller epoch %d (%s); metrics on port %s",
+                             self.settings.node_name, self.generation, reply.controller_epoch, reply.state,
+                             self.metrics_port)
                     return
                 log.error("unexpected reply to register: %s", reply.op)
             await asyncio.sleep(next(delays))

@@ -59,7 +59,8 @@ async def run_worker(args: argparse.Namespace) -> None:
         name = f"bench-{i:04d}"
         settings = AgentSettings(node_name=name, controller=args.controller, state_dir=Path(args.state_dir),
                                  heartbeat_interval_s=1.0, sample_interval_s=1.0, request_timeout_s=5.0,
-                                 missed_acks_before_reregister=5, reconnect_cap_s=5.0)
+                                 missed_acks_before_reregister=5, reconnect_cap_s=5.0,
+                                 metrics_enabled=False)
         devices = open_sim_devices(node_name=name, model="h100", count=args.gpus, seed=i, utilization=0.5,
                                    ambient_c=25.0, start_s=time.monotonic())
         agent = Agent(settings, devices, ctx=ctx, generation=1, host_sampler=host, rng=random.Random(i))

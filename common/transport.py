@@ -156,7 +156,7 @@ class RpcEndpoint:
         if self.router:
             if len(parts) != 2:
                 peer = parts[0] if parts else b""
-                self._reject(peer, ProtocolError("malformed_frame", f"expected 1 payload frame, got {len(parts) - 1}"))
+                self._reject(peer, ProtocolError("malformed_frame", f"expected 1 payload frame, got {max(0, len(parts) - 1)}"))
                 return
             peer, payload = parts
         else:
@@ -173,7 +173,9 @@ class RpcEndpoint:
             future = self._pending.get((peer, frame.request_id))
             if future is not None and not future.done():
                 future.set_result(frame.message)
-            return  # a late reply to a request that already timed out is harmless
+            else:  # late (the request timed out) or never asked for: harmless, but worth counting
+                self._reject(peer, ProtocolError("unexpected_reply", f"{frame.spec.op} matches no pending request"))
+            return
         self._dispatch(peer, frame)
 
     def _dispatch(self, peer: bytes, frame: Frame) -> None:

@@ -149,7 +149,8 @@ def cluster_up(args: argparse.Namespace, console: Console) -> int:
     for name, devices in agents:
         config = _write_toml(state_dir / "agents" / name / "agent.toml", {
             "agent": {"node_name": name, "controller": endpoints["agents"], "state_dir": str(state_dir / "agents" / name),
-                      "heartbeat_interval_s": args.heartbeat_interval, "labels": {"cluster": "local"}},
+                      "heartbeat_interval_s": args.heartbeat_interval, "labels": {"cluster": "local"},
+                      "metrics_host": "127.0.0.1", "metrics_port": 0},
             "devices": devices})
         started[name] = spawn(state_dir, name, [sys.executable, "-m", "agent.main", "--config", str(config)])
     (state_dir / "controller.addr").write_text(endpoints["admin"] + "\n")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from pathlib import Path
 
 import msgpack
@@ -16,7 +17,9 @@ import zmq.asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.protocol import MAX_FRAME_BYTES, ErrorReply, GetStatus, ListNodes, decode, encode
+from common.protocol import (
+    MAX_FRAME_BYTES, ErrorReply, GetStatus, HeartbeatAck, ListNodes, SetPowerLimit, decode, encode,
+)
 from common.transport import RpcEndpoint
 from tests.integration.cluster import in_process_cluster, wait_until
 
@@ -27,8 +30,9 @@ GARBAGE = [
     msgpack.packb({"v": 1, "op": "heartbeat", "id": 5, "body": {"node_name": 1}}),
     msgpack.packb({"v": 1, "op": "no_such_op", "id": 6, "body": {}}),
     msgpack.packb({"v": 99, "op": "get_status", "id": 7, "body": {}}),
-    msgpack.packb({"v": 1, "op": "register_accepted", "id": 8, "body": {}}),  # a reply where a request belongs
-    msgpack.packb({"v": 1, "op": "set_power_limit", "id": 9, "body": {}}),  # served by agents, not here
+    msgpack.packb({"v": 1, "op": "register_accepted", "id": 8, "body": {}}),  # malformed reply
+    encode(HeartbeatAck(1, "ready"), 8),  # a reply nobody asked for
+    encode(SetPowerLimit("c", 1, 1, 0, 300.0), 9),  # valid, but served by agents, not here
     msgpack.packb({"v": 1, "op": "get_node", "id": 10, "body": {"name": msgpack.ExtType(4, b"\x00")}}),
     b"\x00" * 100,
 ]
@@ -127,8 +131,9 @@ def test_agent_survives_a_hostile_controller(tmp_path: Path) -> None:
         port = router.bind_to_random_port("tcp://127.0.0.1")
         settings_ = AgentSettings(node_name="victim", controller=f"tcp://127.0.0.1:{port}", state_dir=tmp_path,
                                   heartbeat_interval_s=0.1, request_timeout_s=0.3)
-        agent = Agent(settings_, open_sim_devices(node_name="victim", model="l4", count=1, seed=0, utilization=0.5,
-                                                  ambient_c=25.0, start_s=0.0), ctx=ctx, clock=_clock())
+        devices = open_sim_devices(node_name="victim", model="l4", count=1, seed=0, utilization=0.5, ambient_c=25.0,
+                                   start_s=time.monotonic())
+        agent = Agent(settings_, devices, ctx=ctx)
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop))
         identity, payload = await asyncio.wait_for(router.recv_multipart(), 5)
@@ -138,7 +143,6 @@ def test_agent_survives_a_hostile_controller(tmp_path: Path) -> None:
         for frame in garbage:
             await router.send_multipart([identity, frame])
         # A well-formed command before registration completed is refused as not registered.
-        from common.protocol import SetPowerLimit
         await router.send_multipart([identity, encode(SetPowerLimit("x", 1, 1, 0, 50.0), 77)])
         seen_ops, refusals = [], []
         for _ in range(200):
@@ -163,22 +167,22 @@ def test_agent_survives_a_hostile_controller(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
-def _clock():
-    import time
-
-    return time.monotonic
-
-
 def test_rpc_endpoint_rejects_and_counts_without_a_socket_peer() -> None:
     """The receive path alone: malformed parts never raise out of handle_parts."""
-    ctx = zmq.asyncio.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    codes: list[str] = []
-    endpoint = RpcEndpoint(sock, router=True, name="test", dispatch={}, on_rejected=codes.append)
-    endpoint.handle_parts([])
-    endpoint.handle_parts([b"only-identity"])
-    endpoint.handle_parts([b"peer", b"\xc1"])
-    endpoint.handle_parts([b"peer", encode(ListNodes(), 3)])  # not served here
-    assert codes == ["malformed_frame", "malformed_frame", "malformed_frame", "unsupported_op"]
-    endpoint.close()
-    ctx.term()
+
+    async def scenario() -> None:
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        codes: list[str] = []
+        endpoint = RpcEndpoint(sock, router=True, name="test", dispatch={}, on_rejected=codes.append)
+        endpoint.handle_parts([])
+        endpoint.handle_parts([b"only-identity"])
+        endpoint.handle_parts([b"peer", b"\xc1"])
+        endpoint.handle_parts([b"peer", encode(ListNodes(), 3)])  # not served here
+        endpoint.handle_parts([b"peer", encode(HeartbeatAck(1, "ready"), 4)])  # nobody asked
+        assert codes == ["malformed_frame", "malformed_frame", "malformed_frame", "unsupported_op", "unexpected_reply"]
+        assert endpoint.rejected_total == 5
+        endpoint.close()
+        ctx.term()
+
+    asyncio.run(scenario())

@@ -162,3 +162,15 @@ def test_unreachable_controller_is_a_one_line_error_within_the_timeout() -> None
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "tcp://127.0.0.1:9" in lines[0] and "cannot reach" in lines[0]
     assert elapsed < 10  # interpreter start-up plus the 1 s timeout
+
+
+def test_agent_serves_its_own_device_metrics(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with in_process_cluster(tmp_path, nodes=1, gpus=2) as cluster:
+            agent = cluster.agents["node-0"]
+            url = f"http://127.0.0.1:{agent.metrics_port}/metrics"
+            text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+            assert "DCGM_FI_DEV_POWER_USAGE{" in text and 'gpu="1"' in text
+            assert 'murakkab_agent_heartbeats_total{result="ok"}' in text
+
+    asyncio.run(scenario())
