@@ -64,7 +64,7 @@ class CpuDevice(Device):
         self.info = DeviceInfo(index=index, kind="cpu", model=cpu_model_name(), uuid=f"CPU-{index}", backend="cpu",
                                simulated=False, memory_total_bytes=int(psutil.virtual_memory().total))
         self.now_s = start_s
-        self.energy_j = 0.0
+        self.energy_j = rapl.read_j() if rapl is not None else 0.0  # the baseline for the first power reading
         self.power_w = idle_w
 
     def sample(self, now_s: float) -> DeviceTelemetry:

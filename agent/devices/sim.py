@@ -132,9 +132,9 @@ class SimGpu(Device):
                 memory_total_bytes=self.info.memory_total_bytes, utilization_pct=0.0, sm_clock_mhz=None,
                 power_limit_w=None, throttle_reasons=(), health="lost", last_xid=self.last_xid)
         noise = self.rng.gauss(0.0, POWER_NOISE_FRACTION * self.power_w)
-        reported_w = min(max(self.power_w + noise, 0.0), self.power_limit_w)
+        reported_w = min(round(max(self.power_w + noise, 0.0), 3), self.power_limit_w)
         return DeviceTelemetry(
-            index=self.info.index, power_w=round(reported_w, 3), energy_j=round(self.energy_j, 3),
+            index=self.info.index, power_w=reported_w, energy_j=round(self.energy_j, 3),
             temperature_c=round(self.temperature_c, 2), memory_used_bytes=self.memory_used_bytes,
             memory_total_bytes=self.info.memory_total_bytes, utilization_pct=round(self.utilization * 100.0, 2),
             sm_clock_mhz=self.sm_clock_mhz, power_limit_w=self.power_limit_w, throttle_reasons=self.reasons,
