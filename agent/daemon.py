@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-import zmq.asyncio
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from agent.config import AgentSettings
@@ -94,14 +93,14 @@ class AgentMetrics:
 
 
 class Agent:
-    def __init__(self, settings: AgentSettings, devices: list[Device], *, ctx: zmq.asyncio.Context | None = None,
+    def __init__(self, settings: AgentSettings, devices: list[Device], *, ctx: zmq.Context | None = None,
                  clock: Callable[[], float] = time.monotonic, generation: int | None = None,
                  host_sampler: HostSampler | None = None,
                  rng: random.Random | None = None) -> None:
         self.settings = settings
         self.devices = {d.info.index: d for d in devices}
         self.clock = clock
-        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.ctx = ctx or zmq.Context.instance()
         self.generation = generation if generation is not None else next_generation(Path(settings.state_dir))
         self.gate = CommandGate(self.generation)
         self.host_sampler = host_sampler or HostSampler()

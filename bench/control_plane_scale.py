@@ -44,14 +44,14 @@ def quantile(values: list[float], q: float) -> float:
 async def run_worker(args: argparse.Namespace) -> None:
     import random
 
-    import zmq.asyncio
+    import zmq
 
     from agent.config import AgentSettings
     from agent.daemon import Agent
     from agent.devices.sim import open_sim_devices
     from agent.host import HostSampler
 
-    ctx = zmq.asyncio.Context()
+    ctx = zmq.Context()
     host = HostSampler()
     samples: list[tuple[float, float]] = []
     agents = []

@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from common.protocol import MAX_FRAME_BYTES, ErrorReply, Frame, ProtocolError, decode, encode
 
@@ -90,9 +89,17 @@ def configure_socket(sock: zmq.Socket, *, router: bool) -> None:
 
 
 class RpcEndpoint:
-    """One socket that sends requests, serves requests and matches replies by id."""
+    """One socket that sends requests, serves requests and matches replies by id.
 
-    def __init__(self, sock: zmq.asyncio.Socket, *, router: bool, name: str,
+    The socket is a plain (not zmq.asyncio) socket: the endpoint watches ZeroMQ's
+    edge-triggered notification descriptor with the event loop's reader and drains
+    every queued message per wake-up, which costs a fraction of a future per message.
+    """
+
+    POLL_FALLBACK_S = 0.1  # re-check for messages even without a wake-up (edge-trigger races)
+    SEND_RETRY_S = 0.01
+
+    def __init__(self, sock: zmq.Socket, *, router: bool, name: str,
                  dispatch: Mapping[str, Handler] | None = None,
                  on_rejected: Callable[[str], None] | None = None,
                  log_interval_s: float = 60.0) -> None:
@@ -103,29 +110,43 @@ class RpcEndpoint:
         self._ids = itertools.count(1)
         self._pending: dict[tuple[bytes, int], asyncio.Future[Any]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._readable = asyncio.Event()
         self.rejected_total = 0
 
     # --- sending -----------------------------------------------------------------------
 
-    async def _send(self, peer: bytes, payload: bytes) -> None:
+    def _send_now(self, peer: bytes, payload: bytes) -> bool:
+        """Send without blocking; False when ZeroMQ cannot take it yet (no peer connected, queue full)."""
         try:
             if self.router:
-                await self.sock.send_multipart([peer, payload], copy=False)
+                self.sock.send_multipart([peer, payload], flags=zmq.NOBLOCK, copy=False)
             else:
-                await self.sock.send(payload, copy=False)
+                self.sock.send(payload, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
-                raise PeerUnreachable(f"no connected peer {peer.decode(errors='replace')!r}") from None
+                raise PeerUnreachable(f"no connected peer {_peer_name(peer)!r}") from None
             raise
+        finally:
+            self._notice_incoming()  # a send can swallow the edge that announced incoming messages
+        return True
 
     async def request(self, msg: Any, *, peer: bytes = b"", timeout_s: float = 5.0) -> Any:
         """Send a request and await its reply; an ``error`` reply raises RemoteError."""
         request_id = next(self._ids)
         key = (peer, request_id)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        future: asyncio.Future[Any] = loop.create_future()
         self._pending[key] = future
+        payload = encode(msg, request_id)
         try:
-            reply = await asyncio.wait_for(self._send_and_wait(peer, encode(msg, request_id), future), timeout_s)
+            while not self._send_now(peer, payload):  # e.g. the DEALER has no connection yet (IMMEDIATE)
+                if loop.time() >= deadline:
+                    raise asyncio.TimeoutError
+                await asyncio.sleep(self.SEND_RETRY_S)
+            reply = await asyncio.wait_for(future, max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
             raise RequestTimeout(f"no reply to {msg.op} within {timeout_s:g}s") from None
         finally:
@@ -134,23 +155,47 @@ class RpcEndpoint:
             raise RemoteError(reply.code, reply.message)
         return reply
 
-    async def _send_and_wait(self, peer: bytes, payload: bytes, future: asyncio.Future[Any]) -> Any:
-        await self._send(peer, payload)  # may wait while no peer is connected (IMMEDIATE)
-        return await future
-
-    async def reply(self, peer: bytes, request_id: int, msg: Any) -> None:
+    def _reply(self, peer: bytes, request_id: int, msg: Any) -> None:
         try:
-            await self._send(peer, encode(msg, request_id))
-        except PeerUnreachable:
-            self.rate_log.warning(_peer_name(peer), "reply_undeliverable", f"peer left before {msg.op} reply")
+            sent = self._send_now(peer, encode(msg, request_id))
+        except (PeerUnreachable, zmq.ZMQError) as exc:
+            sent, why = False, str(exc)
+        else:
+            why = "send queue full"
+        if not sent:
+            self.rate_log.warning(_peer_name(peer), "reply_undeliverable", f"{msg.op}: {why}")
 
     # --- receiving ---------------------------------------------------------------------
 
-    async def serve(self) -> None:
+    def _notice_incoming(self) -> None:
+        if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._readable.set()
+
+    async def serve(self, batch: int = 256) -> None:
         """Receive until cancelled; every frame is handled or rejected, none ends the loop."""
-        while True:
-            parts = await self.sock.recv_multipart(copy=True)
-            self.handle_parts(parts)
+        loop = asyncio.get_running_loop()
+        fd = self.sock.getsockopt(zmq.FD)
+        loop.add_reader(fd, self._readable.set)
+        try:
+            while True:
+                self._readable.clear()
+                for _ in range(batch):
+                    try:
+                        parts = self.sock.recv_multipart(flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.handle_parts(parts)
+                else:
+                    await asyncio.sleep(0)  # a full batch: let other tasks run, then drain on
+                    continue
+                self._notice_incoming()
+                if not self._readable.is_set():
+                    try:
+                        await asyncio.wait_for(self._readable.wait(), self.POLL_FALLBACK_S)
+                    except asyncio.TimeoutError:
+                        pass
+        finally:
+            loop.remove_reader(fd)
 
     def handle_parts(self, parts: list[bytes]) -> None:
         if self.router:
@@ -194,7 +239,7 @@ class RpcEndpoint:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         elif result is not None:
-            self._send_nowait(peer, frame.request_id, result)
+            self._reply(peer, frame.request_id, result)
 
     async def _finish(self, peer: bytes, frame: Frame, pending: Awaitable[Any]) -> None:
         try:
@@ -203,24 +248,14 @@ class RpcEndpoint:
             log.exception("%s: handler for %s failed", self.name, frame.spec.op)
             result = ErrorReply("internal", f"{frame.spec.op} failed: {type(exc).__name__}: {exc}")
         if result is not None:
-            await self.reply(peer, frame.request_id, result)
-
-    def _send_nowait(self, peer: bytes, request_id: int, msg: Any) -> None:
-        payload = encode(msg, request_id)
-        try:
-            if self.router:
-                self.sock.send_multipart([peer, payload], flags=zmq.NOBLOCK, copy=False)
-            else:
-                self.sock.send(payload, flags=zmq.NOBLOCK, copy=False)
-        except zmq.ZMQError as exc:
-            self.rate_log.warning(_peer_name(peer), "reply_undeliverable", f"{msg.op}: {exc}")
+            self._reply(peer, frame.request_id, result)
 
     def _reject(self, peer: bytes, exc: ProtocolError) -> None:
         self.rejected_total += 1
         self.on_rejected(exc.code)
         self.rate_log.warning(_peer_name(peer), exc.code, exc.message)
         if exc.request_id is not None:
-            self._send_nowait(peer, exc.request_id, ErrorReply(exc.code, exc.message))
+            self._reply(peer, exc.request_id, ErrorReply(exc.code, exc.message))
 
     def close(self) -> None:
         for task in list(self._tasks):

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-import zmq.asyncio
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from common.metrics import DeviceCollector, serve_metrics
@@ -65,7 +64,7 @@ class Controller:
         self.metrics_registry = CollectorRegistry()
         self.metrics = ControllerMetrics(self.metrics_registry)
         self.metrics_registry.register(DeviceCollector(self._device_rows))
-        self.ctx = zmq.asyncio.Context()
+        self.ctx = zmq.Context()
         self.agents: RpcEndpoint | None = None
         self.admin: RpcEndpoint | None = None
         self.agent_endpoint = self.admin_endpoint = ""

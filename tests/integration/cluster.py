@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import zmq.asyncio
+import zmq
 
 from agent.config import AgentSettings
 from agent.daemon import Agent
@@ -51,7 +51,7 @@ async def in_process_cluster(tmp_path: Path, nodes: int = 2, gpus: int = 2, mode
                                   state_dir=tmp_path / "controller", metrics_port=0, **FAST)
     controller = Controller(settings)
     await controller.start()
-    ctx = zmq.asyncio.Context()
+    ctx = zmq.Context()
     cluster = InProcessCluster(controller, {})
     try:
         for i in range(nodes):

@@ -133,7 +133,8 @@ def test_agent_survives_a_hostile_controller(tmp_path: Path) -> None:
                                   heartbeat_interval_s=0.1, request_timeout_s=0.3)
         devices = open_sim_devices(node_name="victim", model="l4", count=1, seed=0, utilization=0.5, ambient_c=25.0,
                                    start_s=time.monotonic())
-        agent = Agent(settings_, devices, ctx=ctx)
+        agent_ctx = zmq.Context()
+        agent = Agent(settings_, devices, ctx=agent_ctx)
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop))
         identity, payload = await asyncio.wait_for(router.recv_multipart(), 5)
@@ -163,6 +164,7 @@ def test_agent_survives_a_hostile_controller(tmp_path: Path) -> None:
         await asyncio.wait_for(task, 5)
         router.close(0)
         ctx.term()
+        agent_ctx.term()
 
     asyncio.run(scenario())
 
@@ -171,7 +173,7 @@ def test_rpc_endpoint_rejects_and_counts_without_a_socket_peer() -> None:
     """The receive path alone: malformed parts never raise out of handle_parts."""
 
     async def scenario() -> None:
-        ctx = zmq.asyncio.Context()
+        ctx = zmq.Context()
         sock = ctx.socket(zmq.ROUTER)
         codes: list[str] = []
         endpoint = RpcEndpoint(sock, router=True, name="test", dispatch={}, on_rejected=codes.append)
