@@ -25,6 +25,11 @@ from common.protocol import MAX_FRAME_BYTES, ErrorReply, Frame, ProtocolError, d
 
 log = logging.getLogger(__name__)
 
+# pyzmq's constants are enums; plain ints keep the per-message path free of enum arithmetic.
+NOBLOCK = int(zmq.NOBLOCK)
+EVENTS = int(zmq.EVENTS)
+POLLIN = int(zmq.POLLIN)
+
 Handler = Callable[[bytes, Any], Any]  # (peer identity, message) -> reply | awaitable reply | None
 
 
@@ -98,6 +103,7 @@ class RpcEndpoint:
 
     POLL_FALLBACK_S = 0.1  # re-check for messages even without a wake-up (edge-trigger races)
     SEND_RETRY_S = 0.01
+    BATCH = 256
 
     def __init__(self, sock: zmq.Socket, *, router: bool, name: str,
                  dispatch: Mapping[str, Handler] | None = None,
@@ -110,7 +116,8 @@ class RpcEndpoint:
         self._ids = itertools.count(1)
         self._pending: dict[tuple[bytes, int], asyncio.Future[Any]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._readable = asyncio.Event()
+        self._reading = False
+        self._fallback: asyncio.TimerHandle | None = None
         self.rejected_total = 0
 
     # --- sending -----------------------------------------------------------------------
@@ -119,9 +126,9 @@ class RpcEndpoint:
         """Send without blocking; False when ZeroMQ cannot take it yet (no peer connected, queue full)."""
         try:
             if self.router:
-                self.sock.send_multipart([peer, payload], flags=zmq.NOBLOCK, copy=False)
+                self.sock.send_multipart([peer, payload], flags=NOBLOCK)
             else:
-                self.sock.send(payload, flags=zmq.NOBLOCK, copy=False)
+                self.sock.send(payload, flags=NOBLOCK)
         except zmq.Again:
             return False
         except zmq.ZMQError as exc:
@@ -141,15 +148,18 @@ class RpcEndpoint:
         future: asyncio.Future[Any] = loop.create_future()
         self._pending[key] = future
         payload = encode(msg, request_id)
+        # A timer rather than asyncio.wait_for: on Python 3.11 wait_for can swallow a cancellation
+        # that races with its timeout, and a daemon asked to stop would then keep running.
+        expired = RequestTimeout(f"no reply to {msg.op} within {timeout_s:g}s")
+        timer = loop.call_at(deadline, lambda: future.done() or future.set_exception(expired))
         try:
             while not self._send_now(peer, payload):  # e.g. the DEALER has no connection yet (IMMEDIATE)
-                if loop.time() >= deadline:
-                    raise asyncio.TimeoutError
+                if future.done():
+                    break
                 await asyncio.sleep(self.SEND_RETRY_S)
-            reply = await asyncio.wait_for(future, max(0.0, deadline - loop.time()))
-        except asyncio.TimeoutError:
-            raise RequestTimeout(f"no reply to {msg.op} within {timeout_s:g}s") from None
+            reply = await future
         finally:
+            timer.cancel()
             self._pending.pop(key, None)
         if isinstance(reply, ErrorReply):
             raise RemoteError(reply.code, reply.message)
@@ -168,33 +178,40 @@ class RpcEndpoint:
     # --- receiving ---------------------------------------------------------------------
 
     def _notice_incoming(self) -> None:
-        if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            self._readable.set()
+        if self._reading and self.sock.getsockopt(EVENTS) & POLLIN:
+            asyncio.get_running_loop().call_soon(self._drain)
 
-    async def serve(self, batch: int = 256) -> None:
+    def _drain(self) -> None:
+        """Handle every queued message; runs as the loop's reader callback, so no task wakes per message."""
+        if not self._reading:
+            return
+        for _ in range(self.BATCH):
+            try:
+                parts = self.sock.recv_multipart(flags=NOBLOCK)
+            except zmq.Again:
+                return
+            self.handle_parts(parts)
+        asyncio.get_running_loop().call_soon(self._drain)  # a full batch: let others run, then go on
+
+    def _fallback_poll(self) -> None:
+        """ZeroMQ's descriptor is edge-triggered; a periodic look closes any window a race left open."""
+        if self._reading:
+            self._drain()
+            self._fallback = asyncio.get_running_loop().call_later(self.POLL_FALLBACK_S, self._fallback_poll)
+
+    async def serve(self) -> None:
         """Receive until cancelled; every frame is handled or rejected, none ends the loop."""
         loop = asyncio.get_running_loop()
         fd = self.sock.getsockopt(zmq.FD)
-        loop.add_reader(fd, self._readable.set)
+        self._reading = True
+        loop.add_reader(fd, self._drain)
+        self._fallback = loop.call_later(self.POLL_FALLBACK_S, self._fallback_poll)
+        self._drain()
         try:
-            while True:
-                self._readable.clear()
-                for _ in range(batch):
-                    try:
-                        parts = self.sock.recv_multipart(flags=zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self.handle_parts(parts)
-                else:
-                    await asyncio.sleep(0)  # a full batch: let other tasks run, then drain on
-                    continue
-                self._notice_incoming()
-                if not self._readable.is_set():
-                    try:
-                        await asyncio.wait_for(self._readable.wait(), self.POLL_FALLBACK_S)
-                    except asyncio.TimeoutError:
-                        pass
+            await loop.create_future()  # runs until cancelled
         finally:
+            self._reading = False
+            self._fallback.cancel()
             loop.remove_reader(fd)
 
     def handle_parts(self, parts: list[bytes]) -> None:

@@ -63,6 +63,7 @@ class Controller:
                                   node.drain_reason, node.labels, self.started_s)
         self.metrics_registry = CollectorRegistry()
         self.metrics = ControllerMetrics(self.metrics_registry)
+        self._heartbeats_ok = self.metrics.heartbeats.labels("ok")  # bound once: the hot path skips the lookup
         self.metrics_registry.register(DeviceCollector(self._device_rows))
         self.ctx = zmq.Context()
         self.agents: RpcEndpoint | None = None
@@ -177,7 +178,7 @@ class Controller:
             reply: Any = (ReregisterRequired(answer.message, self.epoch) if answer.code == "reregister"
                           else ErrorReply(answer.code, answer.message))
         else:
-            self.metrics.heartbeats.labels("ok").inc()
+            self._heartbeats_ok.inc()
             reply = HeartbeatAck(self.epoch, answer.state if answer else "unknown")
         self.metrics.heartbeat_handling.observe(time.perf_counter() - started)
         return reply

@@ -24,7 +24,7 @@ GIB = 1 << 30
 
 def node_json(node: NodeView) -> dict[str, Any]:
     """A node as JSON: devices carry their identity and latest telemetry side by side."""
-    samples = {t.index: dataclasses.asdict(t) for t in node.telemetry}
+    samples = {t.index: t._asdict() for t in node.telemetry}
     devices = []
     for info in node.devices:
         device = dataclasses.asdict(info)

@@ -101,9 +101,20 @@ def test_oversized_frame_is_refused_before_parsing() -> None:
 def test_error_messages_name_the_field() -> None:
     with pytest.raises(ProtocolError) as err:
         decode(msgpack.packb({"v": 1, "op": "heartbeat", "id": 3, "body": {
-            **dataclasses.asdict(heartbeat(1)), "devices": [{**dataclasses.asdict(heartbeat(1).devices[0]),
-                                                              "power_w": "lots"}]}}))
-    assert "devices.0.power_w" in err.value.message
+            **dataclasses.asdict(heartbeat(1)), "devices": [[0, "lots", *heartbeat(1).devices[0][2:]]]}}))
+    assert "devices.0.1" in err.value.message
+
+
+def test_heartbeat_devices_are_compact_rows_checked_field_by_field() -> None:
+    body = msgpack.unpackb(encode(heartbeat(2), 1))["body"]
+    assert isinstance(body["devices"][0], list) and len(body["devices"][0]) == 12
+    for bad_row, fragment in (([1, 2, 3], "devices.0.3"), ({"index": 0}, "devices.0.power_w"),
+                              ([True, *body["devices"][0][1:]], "devices.0.0"), ("row", "devices.0"),
+                              ([*body["devices"][0], "extra"], "devices.0"),
+                              ([0, float("nan"), *body["devices"][0][2:]], "devices.0.1")):
+        with pytest.raises(ProtocolError) as err:
+            decode(msgpack.packb({"v": 1, "op": "heartbeat", "id": 3, "body": {**body, "devices": [bad_row]}}))
+        assert fragment in err.value.message
 
 
 def test_registry_rules_hold_at_import() -> None:
