@@ -29,7 +29,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.protocol import ListNodes  # noqa: E402
+from common.protocol import GetStatus  # noqa: E402
 from controller.cli.client import AdminClient, ClientError  # noqa: E402
 
 
@@ -131,10 +131,9 @@ def drive(args: argparse.Namespace) -> dict:
             deadline = time.monotonic() + 180
             while True:
                 try:
-                    nodes = client.call(ListNodes()).nodes
+                    ready = client.call(GetStatus()).nodes_by_state.get("ready", 0)
                 except ClientError:
-                    nodes = ()
-                ready = sum(1 for n in nodes if n.state == "ready")
+                    ready = 0
                 if ready >= args.agents:
                     break
                 if time.monotonic() > deadline:

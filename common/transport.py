@@ -167,7 +167,12 @@ class RpcEndpoint:
 
     def _reply(self, peer: bytes, request_id: int, msg: Any) -> None:
         try:
-            sent = self._send_now(peer, encode(msg, request_id))
+            payload = encode(msg, request_id)
+        except ProtocolError as exc:  # e.g. a reply larger than a frame may be: say so instead
+            log.error("%s: cannot encode %s reply: %s", self.name, msg.op, exc.message)
+            payload = encode(ErrorReply("internal", f"reply could not be sent: {exc.message}"), request_id)
+        try:
+            sent = self._send_now(peer, payload)
         except (PeerUnreachable, zmq.ZMQError) as exc:
             sent, why = False, str(exc)
         else:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from controller.daemon import Controller
 
 MAX_LABEL_CHARS = 253
+MAX_PAGE_NODES = 200  # a page of nodes with 8 GPUs each stays well under the 1 MiB frame limit
 
 
 class AdminApi:
@@ -51,9 +52,14 @@ class AdminApi:
         assert isinstance(answer, Accepted)
         return NodeDetail(self.view(self.controller.registry.nodes[name]))
 
-    def list_nodes(self, peer: bytes, msg: ListNodes) -> NodeList:
+    def list_nodes(self, peer: bytes, msg: ListNodes) -> Any:
+        if not 1 <= msg.limit <= MAX_PAGE_NODES:
+            return ErrorReply("invalid_argument", f"limit must be 1-{MAX_PAGE_NODES}, got {msg.limit}")
         nodes = self.controller.registry.nodes
-        return NodeList(tuple(self.view(nodes[name]) for name in sorted(nodes)))
+        names = [name for name in sorted(nodes) if name > msg.after]
+        page = names[:msg.limit]
+        more = len(names) > msg.limit
+        return NodeList(tuple(self.view(nodes[name]) for name in page), page[-1] if more else None)
 
     def get_node(self, peer: bytes, msg: GetNode) -> Any:
         node = self._node(msg.name)

@@ -169,13 +169,17 @@ class CommandResult:
 @message("list_nodes", kind="request", served_by="controller.admin")
 @dataclass(frozen=True)
 class ListNodes:
-    pass
+    """One page of nodes in name order, starting after the node named ``after``."""
+
+    after: StrictStr = ""
+    limit: StrictInt = 100
 
 
 @message("node_list", kind="reply")
 @dataclass(frozen=True)
 class NodeList:
     nodes: tuple[NodeView, ...]
+    next_after: StrictStr | None = None  # pass as ``after`` for the next page; None on the last page
 
 
 @message("get_node", kind="request", served_by="controller.admin")

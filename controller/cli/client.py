@@ -8,7 +8,7 @@ from typing import Any
 
 import zmq
 
-from common.protocol import ErrorReply, ProtocolError, decode, encode
+from common.protocol import ErrorReply, ListNodes, ProtocolError, decode, encode
 from common.transport import configure_socket
 
 
@@ -55,6 +55,16 @@ class AdminClient:
             if isinstance(frame.message, ErrorReply):
                 raise ClientError(f"{frame.message.code}: {frame.message.message}")
             return frame.message
+
+    def list_nodes(self, page_size: int = 100) -> list[Any]:
+        """Every node, fetched page by page (a thousand nodes do not fit in one frame)."""
+        nodes: list[Any] = []
+        after: str | None = ""
+        while after is not None:
+            page = self.call(ListNodes(after=after, limit=page_size))
+            nodes += page.nodes
+            after = page.next_after
+        return nodes
 
     def _unreachable(self, timeout_s: float) -> str:
         return f"cannot reach the controller at {self.address}: no reply within {timeout_s:g}s"

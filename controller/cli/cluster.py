@@ -21,7 +21,6 @@ from typing import Any
 import tomli_w
 from rich.console import Console
 
-from common.protocol import ListNodes
 from controller.cli.client import AdminClient, ClientError
 
 READY_TIMEOUT_S = 60.0
@@ -159,7 +158,7 @@ def cluster_up(args: argparse.Namespace, console: Console) -> int:
     def all_ready() -> bool:
         try:
             with AdminClient(endpoints["admin"], timeout_s=2.0) as client:
-                nodes = client.call(ListNodes()).nodes
+                nodes = client.list_nodes()
         except ClientError:
             return False
         return wanted <= {n.name for n in nodes if n.state in ("ready", "draining", "drained")}

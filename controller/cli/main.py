@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.protocol import (
-    ClusterStatus, DrainNode, GetNode, GetStatus, LabelNode, ListNodes, NodeView, SetNodePowerLimit, UndrainNode,
+    ClusterStatus, DrainNode, GetNode, GetStatus, LabelNode, NodeView, SetNodePowerLimit, UndrainNode,
 )
 from controller.cli.client import AdminClient, ClientError
 
@@ -119,7 +119,7 @@ def _label_changes(items: list[str]) -> dict[str, str | None]:
 def run_admin(args: argparse.Namespace, console: Console) -> int:
     with AdminClient(args.controller, args.timeout) as client:
         if args.command == "nodes":
-            nodes = list(client.call(ListNodes()).nodes)
+            nodes = client.list_nodes()
             if args.output == "json":
                 _print_json([node_json(n) for n in nodes])
             else:

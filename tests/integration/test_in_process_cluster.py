@@ -81,6 +81,22 @@ def test_power_limit_reaches_the_sim_gpu_and_power_and_temperature_respond(tmp_p
     asyncio.run(scenario())
 
 
+def test_node_list_pages_in_name_order(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with in_process_cluster(tmp_path, nodes=3, gpus=1) as cluster:
+            first = await asyncio.to_thread(admin_call, cluster.admin_address, ListNodes(limit=2))
+            assert [n.name for n in first.nodes] == ["node-0", "node-1"] and first.next_after == "node-1"
+            last = await asyncio.to_thread(admin_call, cluster.admin_address, ListNodes(after="node-1", limit=2))
+            assert [n.name for n in last.nodes] == ["node-2"] and last.next_after is None
+            with AdminClient(cluster.admin_address) as client:
+                everything = await asyncio.to_thread(client.list_nodes, 1)
+            assert [n.name for n in everything] == ["node-0", "node-1", "node-2"]
+            with pytest.raises(ClientError, match="invalid_argument"):
+                await asyncio.to_thread(admin_call, cluster.admin_address, ListNodes(limit=100_000))
+
+    asyncio.run(scenario())
+
+
 def test_admin_errors_are_explicit(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with in_process_cluster(tmp_path, nodes=1, gpus=1) as cluster:
