@@ -69,18 +69,22 @@ def main() -> None:
         time.sleep(5)  # settle: imports done, first samples taken
         proc = psutil.Process(agent.pid)
         rss = []
+        threads0 = {t.id: t.user_time + t.system_time for t in proc.threads()}
         cpu0, t0 = proc.cpu_times(), time.time()
         end = t0 + args.seconds
         while time.time() < end:
             rss.append(proc.memory_info().rss)
             time.sleep(1.0)
         cpu1, t1 = proc.cpu_times(), time.time()
+        threads1 = {t.id: t.user_time + t.system_time for t in proc.threads()}
         cpu_s = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
         result = {
             "gpus": args.gpus, "sample_hz": args.sample_hz, "window_s": round(t1 - t0, 1),
             "agent_cpu_share_of_one_core": round(cpu_s / (t1 - t0), 4),
             "agent_rss_mb_max": round(max(rss) / 1e6, 1), "agent_rss_mb_median": round(sorted(rss)[len(rss) // 2] / 1e6, 1),
             "agent_uss_mb": round(proc.memory_full_info().uss / 1e6, 1),
+            "cpu_share_by_thread": sorted((round((threads1[k] - threads0.get(k, 0.0)) / (t1 - t0), 4)
+                                           for k in threads1), reverse=True),
             "targets": {"agent_rss_mb_max": "<= 80", "agent_cpu_share_of_one_core": "<= 0.02"},
         }
     finally:

@@ -86,7 +86,8 @@ async def run_worker(args: argparse.Namespace) -> None:
 
 def histogram_quantiles(metrics_url: str) -> dict[str, float]:
     """Estimate p50/p99 of the controller's handling-time histogram (upper bucket bound)."""
-    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    url = metrics_url + "?name[]=murakkab_heartbeat_handling_seconds_bucket"  # skip the fleet's device gauges
+    text = urllib.request.urlopen(url, timeout=30).read().decode()
     buckets = []
     for line in text.splitlines():
         if line.startswith("murakkab_heartbeat_handling_seconds_bucket"):

@@ -13,9 +13,11 @@ from pathlib import Path
 import psutil
 
 from agent.devices.base import Device, PowerLimitUnsupported
+from agent.host import CpuUtilization
 from common.protocol import DeviceInfo, DeviceTelemetry
 
 RAPL_DIR = Path("/sys/class/powercap/intel-rapl:0")
+SLOW_READ_INTERVAL_S = 5.0
 
 
 def cpu_model_name() -> str:
@@ -58,14 +60,16 @@ class CpuDevice(Device):
     def __init__(self, index: int, *, tdp_w: float, idle_w: float, start_s: float,
                  utilization_reader: Callable[[], float] | None = None, rapl: RaplCounter | None = None) -> None:
         self.tdp_w, self.idle_w = tdp_w, idle_w
-        self.read_utilization_pct = utilization_reader or (lambda: float(psutil.cpu_percent(interval=None)))
-        self.read_utilization_pct()  # prime psutil's counter: its first reading is meaningless
+        self.read_utilization_pct = utilization_reader or CpuUtilization()
         self.rapl = rapl
         self.info = DeviceInfo(index=index, kind="cpu", model=cpu_model_name(), uuid=f"CPU-{index}", backend="cpu",
                                simulated=False, memory_total_bytes=int(psutil.virtual_memory().total))
         self.now_s = start_s
         self.energy_j = rapl.read_j() if rapl is not None else 0.0  # the baseline for the first power reading
         self.power_w = idle_w
+        self._slow_read_at_s = float("-inf")
+        self._temperature_c: float | None = None
+        self._clock_mhz: int | None = None
 
     def sample(self, now_s: float) -> DeviceTelemetry:
         dt = max(0.0, now_s - self.now_s)
@@ -79,12 +83,17 @@ class CpuDevice(Device):
             self.energy_j += self.power_w * dt
         self.now_s = max(self.now_s, now_s)
         memory = psutil.virtual_memory()
-        freq = psutil.cpu_freq()
+        if now_s - self._slow_read_at_s >= SLOW_READ_INTERVAL_S:
+            # Temperature and clock come from globbing sysfs (hundreds of microseconds); they change slowly.
+            freq = psutil.cpu_freq()
+            self._temperature_c = _cpu_temperature_c()
+            self._clock_mhz = int(freq.current) if freq and freq.current else None
+            self._slow_read_at_s = now_s
         return DeviceTelemetry(
             index=self.info.index, power_w=round(self.power_w, 3), energy_j=round(self.energy_j, 3),
-            temperature_c=_cpu_temperature_c(), memory_used_bytes=int(memory.total - memory.available),
+            temperature_c=self._temperature_c, memory_used_bytes=int(memory.total - memory.available),
             memory_total_bytes=int(memory.total), utilization_pct=utilization,
-            sm_clock_mhz=int(freq.current) if freq and freq.current else None, power_limit_w=None)
+            sm_clock_mhz=self._clock_mhz, power_limit_w=None)
 
     def set_power_limit(self, power_limit_w: float) -> float:
         raise PowerLimitUnsupported(f"{self.info.model}: the CPU has no power limit this agent can set")

@@ -21,7 +21,7 @@ from agent.devices.select import CpuSettings, SimSettings, fault_hook, open_devi
 
 
 def test_cpu_power_follows_utilization_and_energy_integrates() -> None:
-    readings = iter([0.0, 0.0, 50.0, 100.0])
+    readings = iter([0.0, 50.0, 100.0])
     cpu = CpuDevice(0, tdp_w=100.0, idle_w=20.0, start_s=0.0, utilization_reader=lambda: next(readings))
     idle = cpu.sample(1.0)
     half = cpu.sample(2.0)
