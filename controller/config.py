@@ -22,8 +22,11 @@ class ControllerSettings(BaseModel):
     suspect_after_s: float = Field(5.0, gt=0)
     lost_after_s: float = Field(30.0, gt=0)
     tick_interval_s: float = Field(0.25, gt=0, le=10)
-    telemetry_history: int = Field(300, ge=1, le=100_000)
+    telemetry_history: int = Field(120, ge=1, le=100_000)  # samples per device: 2 minutes at 1 Hz
     command_timeout_s: float = Field(5.0, gt=0, le=300)
+    # Handle agent messages in batches this far apart: fewer wake-ups at fleet scale, for at most
+    # this much added latency per heartbeat. 0 handles each message as it arrives.
+    agent_receive_coalesce_s: float = Field(0.005, ge=0, le=0.1)
     log_level: str = "INFO"
 
     @model_validator(mode="after")

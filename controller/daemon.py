@@ -90,7 +90,8 @@ class Controller:
         self.agents = RpcEndpoint(
             agent_sock, router=True, name="controller.agents",
             dispatch=build_dispatch("controller.agents", {Register: self.on_register, Heartbeat: self.on_heartbeat}),
-            on_rejected=lambda code: self.metrics.frames_rejected.labels("agents", code).inc())
+            on_rejected=lambda code: self.metrics.frames_rejected.labels("agents", code).inc(),
+            coalesce_s=self.settings.agent_receive_coalesce_s)
         self.admin = RpcEndpoint(
             admin_sock, router=True, name="controller.admin", dispatch=api.dispatch,
             on_rejected=lambda code: self.metrics.frames_rejected.labels("admin", code).inc())

@@ -1,4 +1,9 @@
-"""Choosing and opening the device backend named in the agent's config."""
+"""Choosing and opening the device backend named in the agent's config.
+
+Backends: "nvml" (real GPUs, or an error), "sim" (simulated GPUs of a named model),
+"cpu" (the host CPU only) and "auto" (NVML where it initializes and sees a GPU,
+otherwise the CPU only). GPUs come first; the CPU, when included, takes the next index.
+"""
 
 from __future__ import annotations
 
@@ -15,29 +20,32 @@ from agent.devices.sim import SimFault, SimFaultSchedule, SimGpu, open_sim_devic
 
 log = logging.getLogger(__name__)
 
-
 class SimFaultSettings(BaseModel):
+    """One scheduled fault, as written in the agent's TOML ([[devices.sim.faults]])."""
+
     model_config = ConfigDict(extra="forbid")
 
-    at_s: float = Field(ge=0, description="seconds after the agent starts")
-    device: int = Field(ge=0)
+    at_s: float = Field(ge=0, allow_inf_nan=False, description="seconds after the agent starts")
+    device: int = Field(ge=0, le=63)
     kind: Literal["cooling_failure", "xid", "fall_off_bus"]
-    xid: int = Field(79, ge=0)
+    xid: int = Field(79, ge=0, le=1023, description="Xid code for kind 'xid'")
 
 
 class SimSettings(BaseModel):
+    """Simulated GPUs: which model, how many, their constant load and environment, scheduled faults."""
+
     model_config = ConfigDict(extra="forbid")
 
-    model: str = "h100"
+    model: str = Field("h100", description=f"one of: {', '.join(sorted(GPU_SPECS))}")
     count: int = Field(8, ge=0, le=64)
-    seed: int = 0
-    utilization: float = Field(0.0, ge=0.0, le=1.0, description="constant simulated load")
+    seed: int = Field(0, description="runs with the same seed repeat exactly")
+    utilization: float = Field(0.0, ge=0.0, le=1.0, description="constant simulated load until engines drive it")
     memory_used_fraction: float = Field(0.0, ge=0.0, le=1.0)
-    ambient_c: float = Field(25.0, ge=-20.0, le=60.0)
+    ambient_c: float = Field(25.0, ge=-20.0, le=60.0, description="inlet air or coolant temperature")
     faults: list[SimFaultSettings] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _known_model(self) -> "SimSettings":
+    def _known_model_and_devices(self) -> SimSettings:
         if self.model.lower() not in GPU_SPECS:
             raise ValueError(f"unknown GPU model {self.model!r}; known: {', '.join(sorted(GPU_SPECS))}")
         for fault in self.faults:
@@ -47,44 +55,51 @@ class SimSettings(BaseModel):
 
 
 class CpuSettings(BaseModel):
+    """Constants for the CPU power model, used where RAPL is unavailable."""
+
     model_config = ConfigDict(extra="forbid")
 
-    tdp_w: float = Field(65.0, gt=0, description="package power at full load, for the power model")
-    idle_w: float = Field(10.0, ge=0)
+    tdp_w: float = Field(65.0, gt=0, le=2000, allow_inf_nan=False, description="package power at full load")
+    idle_w: float = Field(10.0, ge=0, allow_inf_nan=False, description="package power with nothing running")
 
     @model_validator(mode="after")
-    def _idle_below_tdp(self) -> "CpuSettings":
+    def _idle_below_tdp(self) -> CpuSettings:
         if self.idle_w >= self.tdp_w:
-            raise ValueError("idle_w must be below tdp_w")
+            raise ValueError(f"idle_w ({self.idle_w:g}) must be below tdp_w ({self.tdp_w:g})")
         return self
 
 
 def open_devices(backend: str, *, node_name: str, sim: SimSettings | None, cpu: CpuSettings | None,
                  include_cpu: bool, start_s: float) -> list[Device]:
-    """GPUs of the chosen backend first, then (if asked) the CPU with the next index."""
+    """GPUs of the chosen backend first, then (if asked, or as auto's fallback) the CPU with the next index."""
     devices: list[Device] = []
     if backend == "sim":
         if sim is None:
-            raise DeviceError("backend 'sim' needs sim settings")
+            raise DeviceError("backend 'sim' needs sim settings (a [devices.sim] table: model, count, ...)")
         devices += open_sim_devices(node_name=node_name, model=sim.model, count=sim.count, seed=sim.seed,
                                     utilization=sim.utilization, ambient_c=sim.ambient_c, start_s=start_s,
                                     memory_used_fraction=sim.memory_used_fraction)
     elif backend in ("nvml", "auto"):
-        from agent.devices.nvml import open_nvml_devices  # imported here: loads libnvidia-ml lazily
+        from agent.devices import nvml  # imported here: loads libnvidia-ml lazily
 
         try:
-            devices += open_nvml_devices()
+            gpus = nvml.open_nvml_devices()
         except DeviceError as exc:
             if backend == "nvml":
                 raise
             log.info("no NVIDIA GPUs (%s); using the CPU only", exc)
+            gpus = []
+        if not gpus:
+            if backend == "nvml":
+                raise DeviceError("NVML initialized but found no GPUs; use backend 'cpu' or 'auto' on this host")
             include_cpu = True
+        devices += gpus
     elif backend != "cpu":
         raise DeviceError(f"unknown device backend {backend!r}; use auto, nvml, sim or cpu")
     if backend == "cpu" or include_cpu:
         cpu = cpu or CpuSettings()
         devices.append(CpuDevice(len(devices), tdp_w=cpu.tdp_w, idle_w=cpu.idle_w, start_s=start_s,
-                                 rapl=RaplCounter.open()))
+                                 rapl=RaplCounter.open(), node_name=node_name))
     return devices
 
 
