@@ -117,3 +117,33 @@ def test_controller_restart_keeps_drain_and_agents_reregister_by_themselves(clus
     assert json.loads((state_dir / "controller" / "endpoints.json").read_text())["epoch"] == epoch_before + 1
     log = (state_dir / "logs" / "sim-node-1.log").read_text()
     assert "registering again" in log or "register again" in log
+
+
+def test_cli_commands_against_a_local_cluster(cluster: tuple[Path, str]) -> None:
+    state_dir, address = cluster
+    base = ("--controller", address)
+    nodes = json.loads(ctl(*base, "nodes", "-o", "json").stdout)
+    assert [n["name"] for n in nodes] == ["sim-node-1", "sim-node-2"]
+    device = nodes[0]["devices"][0]
+    for key in ("index", "kind", "model", "power_w", "energy_j", "temperature_c", "memory_used_bytes",
+                "memory_total_bytes", "utilization_pct", "sm_clock_mhz", "power_limit_w", "throttle_reasons"):
+        assert key in device, key
+    assert device["kind"] == "gpu" and device["simulated"] is True
+    table = ctl(*base, "nodes")
+    assert table.returncode == 0 and "sim-node-1" in table.stdout and "POWER W" in table.stdout
+    capped = ctl(*base, "node", "set-power-limit", "sim-node-1", "1", "300")
+    assert capped.returncode == 0 and "300 W" in capped.stdout
+    refused = ctl(*base, "node", "set-power-limit", "sim-node-1", "1", "9000")
+    assert refused.returncode == 1 and "out_of_range" in refused.stderr and "200-700 W" in refused.stderr
+    drained = ctl(*base, "node", "drain", "sim-node-2", "--reason", "rack move")
+    assert drained.returncode == 0 and "drained" in drained.stdout
+    shown = json.loads(ctl(*base, "node", "show", "sim-node-2", "-o", "json").stdout)
+    assert shown["state"] == "drained" and shown["drain_reason"] == "rack move"
+    assert ctl(*base, "node", "undrain", "sim-node-2").returncode == 0
+    unknown = ctl(*base, "node", "show", "nope")
+    assert unknown.returncode == 1 and "unknown_node" in unknown.stderr
+    status = json.loads(ctl(*base, "status", "-o", "json").stdout)
+    assert status["nodes_by_state"] == {"ready": 2} and status["devices_total"] == 4
+    env_status = subprocess.run([sys.executable, "-m", "controller.cli.main", "status"], capture_output=True,
+                                text=True, timeout=60, cwd=ROOT, env={**os.environ, "MURAKKAB_CONTROLLER": address})
+    assert env_status.returncode == 0 and "epoch" in env_status.stdout

@@ -220,6 +220,20 @@ def test_cooling_failure_heats_up_and_throttles_then_recovers() -> None:
     assert recovered.sm_clock_mhz == H100.max_sm_clock_mhz and recovered.throttle_reasons == ()
 
 
+def test_throttling_reacts_within_long_sampling_intervals() -> None:
+    """Sub-steps: a GPU sampled once a minute throttles like one sampled ten times a second."""
+    fine, coarse = gpu(1.0), gpu(1.0)
+    for device in (fine, coarse):
+        device.inject_cooling_failure()
+    fine_trace = run(fine, 600.0, step_s=0.1)
+    coarse_trace = run(coarse, 600.0, step_s=60.0)
+    assert all(s.health == "ok" for s in coarse_trace)  # one big step at 700 W would overshoot shutdown
+    assert max(s.temperature_c for s in coarse_trace) < H100.shutdown_temperature_c
+    # Sub-step boundaries differ (0.1 s samples vs 0.25 s steps), so the throttle cycles differ in phase only.
+    assert coarse_trace[-1].energy_j == pytest.approx(fine_trace[-1].energy_j, rel=1e-3)
+    assert coarse_trace[-1].temperature_c == pytest.approx(fine_trace[-1].temperature_c, abs=0.5)
+
+
 def test_a_passive_card_without_airflow_reaches_thermal_shutdown_and_leaves_the_bus() -> None:
     l4 = gpu_spec("l4")
     device = gpu(1.0, model="l4")
