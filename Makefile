@@ -31,8 +31,10 @@ test-fast: install
 	$(PY) -m pytest -q -m "not multiprocess"
 
 bench: install
-	$(PY) bench/control_plane_scale.py
-	$(PY) bench/agent_footprint.py
+	$(PY) bench/control_plane_scale.py --agents 1000 --seconds 60 --workers 2 --agent-impl lean --coalesce-s 0
+	$(PY) bench/control_plane_scale.py --agents 1000 --seconds 60 --workers 2 --agent-impl lean --coalesce-s 0.005
+	$(PY) bench/control_plane_scale.py --agents 1000 --seconds 60 --workers 2 --agent-impl daemon --coalesce-s 0.005
+	$(PY) bench/agent_footprint.py --seconds 60
 
 demo-down:
 	$(VENV)/bin/murakkabctl cluster down --state-dir $(DEMO_DIR)

@@ -313,7 +313,7 @@ def main() -> None:
         return
     result = drive(args)
     result["targets"] = {"controller_cpu_share_of_one_core": "<= 0.30", "rtt_p99_ms": "<= 50"}
-    out = args.out or ROOT / "bench" / "results" / f"control_plane_scale-{args.agent_impl}.json"
+    out = args.out or ROOT / "bench" / "results" / f"control_plane_scale-{args.agent_impl}-coalesce{args.coalesce_s:g}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console(soft_wrap=False)
+    # Piped output gets a wide console so tables are not folded into 80 columns.
+    console = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
     try:
         if args.command == "cluster":
             return int(args.handler(args, console))
@@ -204,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `murakkabctl nodes | head`
+        sys.stderr.close()
+        return 141
 
 
 if __name__ == "__main__":
