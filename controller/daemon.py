@@ -30,7 +30,7 @@ from controller.registry import (
     Accepted, Action, HeartbeatReceived, NodeRecord, NodeRegistered, NodeRegistry, PersistNode, RegistryConfig,
     Rejected, StateChanged, Tick,
 )
-from controller.store import Store, StoredNode
+from controller.store import Store
 
 log = logging.getLogger("murakkab.controller")
 
@@ -149,8 +149,7 @@ class Controller:
                     level = logging.WARNING if new in ("suspect", "lost") else logging.INFO
                     log.log(level, "node %s: %s -> %s (%s)", name, old, new, reason)
                 case PersistNode():
-                    self.store.save_node(StoredNode(action.name, action.hostname, action.generation,
-                                                    action.admin_state, action.drain_reason, action.labels))
+                    self.store.save_node(action.node)
                 case Accepted() | Rejected():
                     answer = action
         return answer

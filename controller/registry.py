@@ -113,8 +113,8 @@ class StateChanged:
 
 
 @dataclass(frozen=True)
-class PersistNode:
-    """The node's durable facts changed: write them to the store."""
+class DurableNode:
+    """What survives a controller restart about a node: identity and the operator's decisions."""
 
     name: str
     hostname: str
@@ -122,6 +122,13 @@ class PersistNode:
     admin_state: str
     drain_reason: str | None
     labels: dict[str, str]
+
+
+@dataclass(frozen=True)
+class PersistNode:
+    """The node's durable facts changed: write them to the store."""
+
+    node: DurableNode
 
 
 @dataclass(frozen=True)
@@ -230,8 +237,8 @@ class NodeRegistry:
 
     @staticmethod
     def _persist(node: NodeRecord) -> PersistNode:
-        return PersistNode(node.name, node.hostname, node.generation, node.admin_state.value,
-                           node.drain_reason, dict(node.labels))
+        return PersistNode(DurableNode(node.name, node.hostname, node.generation, node.admin_state.value,
+                                       node.drain_reason, dict(node.labels)))
 
     def _register(self, ev: NodeRegistered) -> list[Action]:
         node = self.nodes.get(ev.name)

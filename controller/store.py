@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from dataclasses import dataclass
 from pathlib import Path
+
+from controller.registry import DurableNode
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -24,16 +25,6 @@ CREATE TABLE IF NOT EXISTS nodes (
     updated_at_unix_s REAL NOT NULL
 );
 """
-
-
-@dataclass(frozen=True)
-class StoredNode:
-    name: str
-    hostname: str
-    generation: int
-    admin_state: str
-    drain_reason: str | None
-    labels: dict[str, str]
 
 
 class Store:
@@ -53,7 +44,7 @@ class Store:
             self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch', ?)", (str(epoch),))
         return epoch
 
-    def save_node(self, node: StoredNode) -> None:
+    def save_node(self, node: DurableNode) -> None:
         self.db.execute(
             "INSERT INTO nodes (name, hostname, generation, admin_state, drain_reason, labels_json, updated_at_unix_s)"
             " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET hostname = excluded.hostname,"
@@ -64,11 +55,11 @@ class Store:
              json.dumps(node.labels, sort_keys=True), time.time()),
         )
 
-    def load_nodes(self) -> list[StoredNode]:
+    def load_nodes(self) -> list[DurableNode]:
         rows = self.db.execute(
             "SELECT name, hostname, generation, admin_state, drain_reason, labels_json FROM nodes ORDER BY name"
         ).fetchall()
-        return [StoredNode(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
+        return [DurableNode(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
 
     def close(self) -> None:
         self.db.close()
