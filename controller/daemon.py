@@ -129,7 +129,7 @@ class Controller:
         for endpoint in (self.agents, self.admin):
             if endpoint is not None:
                 endpoint.close()
-        self.ctx.term()
+        self.ctx.destroy(linger=0)  # closes any socket left open, so shutdown cannot block
         self.store.close()
 
     async def _tick_loop(self) -> None:

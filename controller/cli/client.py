@@ -71,7 +71,7 @@ class AdminClient:
 
     def close(self) -> None:
         self.sock.close(linger=0)
-        self.ctx.term()
+        self.ctx.destroy(linger=0)
 
     def __enter__(self) -> "AdminClient":
         return self

@@ -75,4 +75,4 @@ async def in_process_cluster(tmp_path: Path, nodes: int = 2, gpus: int = 2, mode
             stop.set()
         await asyncio.gather(*cluster.tasks.values(), return_exceptions=True)
         await controller.close()
-        ctx.term()
+        ctx.destroy(linger=0)

@@ -153,7 +153,7 @@ def test_heartbeat_from_unknown_node_gets_reregister_reply(tmp_path: Path) -> No
             reply = decode(await asyncio.wait_for(sock.recv(), 3))
             assert isinstance(reply.message, ErrorReply) and reply.message.code == "identity_mismatch"
             sock.close(0)
-            ctx.term()
+            ctx.destroy(linger=0)
 
     asyncio.run(scenario())
 
