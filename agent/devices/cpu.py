@@ -160,6 +160,6 @@ def cpu_clock_mhz() -> int | None:
     """Current average CPU clock, or None where the platform does not report it."""
     try:
         freq = psutil.cpu_freq()
-    except (AttributeError, OSError, NotImplementedError, RuntimeError):
+    except (AttributeError, OSError, NotImplementedError, RuntimeError):  # psutil raises these where no cpufreq exists
         return None
     return int(freq.current) if freq is not None and freq.current else None

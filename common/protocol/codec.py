@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgpack
 from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
@@ -22,7 +22,6 @@ MAX_REQUEST_ID = (1 << 63) - 1
 
 Endpoint = Literal["controller.agents", "controller.admin", "agent"]
 Kind = Literal["request", "reply"]
-ENDPOINTS: tuple[Endpoint, ...] = ("controller.agents", "controller.admin", "agent")
 
 
 class ProtocolError(Exception):
@@ -175,8 +174,3 @@ def _summarize(exc: ValidationError, limit: int = 3) -> str:
     more = exc.error_count() - limit
     return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
 
-
-class Message:
-    """Marker base so type hints can say 'a wire message'; ``op`` is set at registration."""
-
-    op: ClassVar[str]

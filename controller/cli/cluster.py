@@ -176,20 +176,8 @@ def cluster_down(args: argparse.Namespace, console: Console) -> int:
     if not pids:
         console.print(f"no cluster processes recorded in {state_dir}")
         return 0
-    # Agents first, so the controller does not log every one of them as lost.
-    order = sorted(pids, key=lambda name: name == "controller")
-    for name in order:
-        _signal_group(pids[name], signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    while time.monotonic() < deadline and any(_alive(p) for p in pids.values()):
-        time.sleep(0.05)
-    forced = [name for name, pid in pids.items() if _alive(pid)]
-    for name in forced:
-        _signal_group(pids[name], signal.SIGKILL)
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    while time.monotonic() < deadline and any(_alive(p) for p in pids.values()):
-        time.sleep(0.05)
-    left = [name for name, pid in pids.items() if _alive(pid)]
+    forced = _signal_and_wait(pids, list(pids), signal.SIGTERM)
+    left = _signal_and_wait(pids, forced, signal.SIGKILL)
     for name in pids:
         if name not in left:
             (state_dir / "pids" / f"{name}.pid").unlink(missing_ok=True)
@@ -198,6 +186,16 @@ def cluster_down(args: argparse.Namespace, console: Console) -> int:
     note = f" ({len(forced)} needed SIGKILL: {', '.join(forced)})" if forced else ""
     console.print(f"stopped {len(pids)} processes in {state_dir}{note}", highlight=False)
     return 0
+
+
+def _signal_and_wait(pids: dict[str, int], names: list[str], sig: int) -> list[str]:
+    """Signal the named daemons' process groups; return those still running after STOP_TIMEOUT_S."""
+    for name in names:
+        _signal_group(pids[name], sig)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while time.monotonic() < deadline and any(_alive(pids[n]) for n in names):
+        time.sleep(0.05)
+    return [name for name in names if _alive(pids[name])]
 
 
 def _signal_group(pid: int, sig: int) -> None:
