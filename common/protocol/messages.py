@@ -7,7 +7,7 @@ types declared (an int where a float is declared is accepted and widened).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from pydantic import StrictBool, StrictFloat, StrictInt, StrictStr
 
@@ -90,6 +90,26 @@ class NodeView:
     host: HostTelemetry | None
 
 
+
+class ComponentReport(NamedTuple):
+    """The actual state of one component on an agent, sent in every heartbeat.
+
+    ``state`` is pending | starting | ready | draining | stopped | failed; ``reason`` says
+    why it is failed or stopped. ``inflight`` counts invocations being served now.
+    """
+
+    component_id: StrictStr
+    executor: StrictStr
+    state: StrictStr
+    device_indexes: tuple[StrictInt, ...]
+    inflight: StrictInt
+    restarts: StrictInt
+    reason: StrictStr
+    simulated: StrictBool
+    port: StrictInt | None = None
+    pid: StrictInt | None = None
+
+
 # --- agents -> controller --------------------------------------------------------------
 
 
@@ -123,6 +143,7 @@ class Heartbeat:
     devices: tuple[DeviceTelemetry, ...]
     host: HostTelemetry
     running_components: StrictInt = 0
+    components: tuple["ComponentReport", ...] = ()
 
 
 @message("heartbeat_ack", kind="reply")
@@ -161,6 +182,67 @@ class CommandResult:
     ok: StrictBool
     message: StrictStr
     applied_power_limit_w: StrictFloat | None = None
+
+
+@message("start_component", kind="request", served_by="agent")
+@dataclass(frozen=True)
+class StartComponent:
+    """Run an executor instance on the given devices. Idempotent: starting a component that is
+    starting or ready does nothing; starting a failed or stopped one restarts it."""
+
+    command_id: StrictStr
+    controller_epoch: StrictInt
+    node_generation: StrictInt
+    component_id: StrictStr
+    executor: dict[StrictStr, Any]  # an ExecutorSpec as plain data; the agent validates it
+    device_indexes: tuple[StrictInt, ...]
+
+
+@message("stop_component", kind="request", served_by="agent")
+@dataclass(frozen=True)
+class StopComponent:
+    """Drain a component (no new invocations; wait up to ``drain_timeout_s`` for running ones), then stop it."""
+
+    command_id: StrictStr
+    controller_epoch: StrictInt
+    node_generation: StrictInt
+    component_id: StrictStr
+    drain_timeout_s: StrictFloat = 30.0
+
+
+@message("invoke", kind="request", served_by="agent")
+@dataclass(frozen=True)
+class Invoke:
+    """Run one stage invocation on a component. A repeated ``invocation_id`` gets the first
+    call's result (or joins it while it runs), so a retry after a lost reply is safe."""
+
+    invocation_id: StrictStr
+    controller_epoch: StrictInt
+    component_id: StrictStr
+    task: StrictStr
+    inputs: dict[StrictStr, Any]
+    knobs: dict[StrictStr, Any]
+    timeout_s: StrictFloat
+
+
+@message("invocation_result", kind="reply")
+@dataclass(frozen=True)
+class InvocationResult:
+    """``error_code`` is empty on success; otherwise invalid_input | tool_error | engine_failed |
+    component_unavailable | timeout | output_too_large | stale_command (see ``retryable``)."""
+
+    invocation_id: StrictStr
+    ok: StrictBool
+    outputs: dict[StrictStr, Any]
+    error_code: StrictStr
+    error: StrictStr
+    retryable: StrictBool
+    started_at_unix_s: StrictFloat
+    ended_at_unix_s: StrictFloat
+    latency_s: StrictFloat
+    energy_j: StrictFloat | None
+    device_indexes: tuple[StrictInt, ...]
+    simulated: StrictBool
 
 
 # --- admin CLI -> controller -----------------------------------------------------------
@@ -244,6 +326,243 @@ class ClusterStatus:
     frames_rejected_total: StrictInt
 
 
+# --- admin CLI -> controller: catalog, workflows, jobs -----------------------------------
+
+
+@message("apply_catalog", kind="request", served_by="controller.admin")
+@dataclass(frozen=True)
+class ApplyCatalog:
+    """Add or replace the executors of a catalog file; ``source_name`` is used in error messages."""
+
+    source_name: StrictStr
+    yaml_text: StrictStr
+
+
+@message("catalog_applied", kind="reply")
+@dataclass(frozen=True)
+class CatalogApplied:
+    version: StrictInt
+    executors: tuple[StrictStr, ...]
+    warnings: tuple[StrictStr, ...] = ()
+
+
+@message("list_executors", kind="request", served_by="controller.admin")
+@dataclass(frozen=True)
+class ListExecutors:
+    pass
+
+
+@dataclass(frozen=True)
+class ExecutorView:
+    name: StrictStr
+    task: StrictStr
+    engine: StrictStr
+    device: StrictStr
+    version: StrictInt
+    knobs: dict[StrictStr, tuple[Any, ...]]
+    spec: dict[StrictStr, Any]
+
+
+@message("executor_list", kind="reply")
+@dataclass(frozen=True)
+class ExecutorList:
+    executors: tuple[ExecutorView, ...]
+
+
+@message("apply_workflow", kind="request", served_by="controller.admin")
+@dataclass(frozen=True)
+class ApplyWorkflow:
+    source_name: StrictStr
+    yaml_text: StrictStr
+
+
+@message("workflow_applied", kind="reply")
+@dataclass(frozen=True)
+class WorkflowApplied:
+    name: StrictStr
+    version: StrictInt
+    unchanged: StrictBool
+    warnings: tuple[StrictStr, ...] = ()
+
+
+@message("list_workflows", kind="request", served_by="controller.admin")
+@dataclass(frozen=True)
+class ListWorkflows:
+    pass
+
+
+@dataclass(frozen=True)
+class WorkflowSummary:
+    name: StrictStr
+    version: StrictInt
+    description: StrictStr
+    stages: StrictInt
+    inputs: dict[StrictStr, StrictStr]  # name -> type
+    applied_at_unix_s: StrictFloat
+
+
+@message("workflow_list", kind="reply")
+@dataclass(frozen=True)
+class WorkflowList:
+    workflows: tuple[WorkflowSummary, ...]
+
+
+@message("get_workflow", kind="request", served_by="controller.admin")
+@dataclass(frozen=True)
+class GetWorkflow:
+    name: StrictStr
+
+
+@message("workflow_detail", kind="reply")
+@dataclass(frozen=True)
+class WorkflowDetail:
+    summary: WorkflowSummary
+    yaml_text: StrictStr
+    spec: dict[StrictStr, Any]
+
+
+@message("delete_workflow", kind="request", served_by="controller.admin")
+@dataclass(frozen=True)
+class DeleteWorkflow:
+    name: StrictStr
+
+
+@message("workflow_deleted", kind="reply")
+@dataclass(frozen=True)
+class WorkflowDeleted:
+    name: StrictStr
+    versions: StrictInt
+
+
+@message("submit_job", kind="request", served_by="controller.admin")
+@dataclass(frozen=True)
+class SubmitJob:
+    """Run a workflow. ``slo`` maps a dimension (accuracy | latency) to a tier (best | good |
+    fair | basic). A repeated non-empty ``idempotency_key`` returns the first job's id."""
+
+    workflow: StrictStr
+    inputs: dict[StrictStr, Any]
+    slo: dict[StrictStr, StrictStr] = field(default_factory=dict)
+    idempotency_key: StrictStr = ""
+
+
+@message("job_accepted", kind="reply")
+@dataclass(frozen=True)
+class JobAccepted:
+    job_id: StrictStr
+    workflow_version: StrictInt
+
+
+@dataclass(frozen=True)
+class InvocationView:
+    """One stage invocation (one element of a mapped stage, one attempt)."""
+
+    invocation_id: StrictStr
+    stage: StrictStr
+    item: StrictInt | None
+    attempt: StrictInt
+    executor: StrictStr
+    knobs: dict[StrictStr, Any]
+    node: StrictStr | None
+    component_id: StrictStr | None
+    device_indexes: tuple[StrictInt, ...]
+    state: StrictStr  # queued | running | succeeded | failed | cancelled
+    error: StrictStr
+    started_at_unix_s: StrictFloat | None
+    ended_at_unix_s: StrictFloat | None
+    latency_s: StrictFloat | None
+    energy_j: StrictFloat | None
+    simulated: StrictBool
+
+
+@dataclass(frozen=True)
+class JobView:
+    job_id: StrictStr
+    workflow: StrictStr
+    workflow_version: StrictInt
+    state: StrictStr  # queued | running | succeeded | failed | cancelled
+    reason: StrictStr
+    slo: dict[StrictStr, StrictStr]
+    submitted_at_unix_s: StrictFloat
+    started_at_unix_s: StrictFloat | None
+    ended_at_unix_s: StrictFloat | None
+    outputs: dict[StrictStr, Any]
+    invocations: tuple[InvocationView, ...]
+
+
+@message("list_jobs", kind="request", served_by="controller.admin")
+@dataclass(frozen=True)
+class ListJobs:
+    limit: StrictInt = 50
+    state: StrictStr = ""
+    workflow: StrictStr = ""
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    job_id: StrictStr
+    workflow: StrictStr
+    state: StrictStr
+    reason: StrictStr
+    slo: dict[StrictStr, StrictStr]
+    submitted_at_unix_s: StrictFloat
+    ended_at_unix_s: StrictFloat | None
+    latency_s: StrictFloat | None
+    energy_j: StrictFloat | None
+
+
+@message("job_list", kind="reply")
+@dataclass(frozen=True)
+class JobList:
+    jobs: tuple[JobSummary, ...]
+
+
+@message("get_job", kind="request", served_by="controller.admin")
+@dataclass(frozen=True)
+class GetJob:
+    """One job; with ``wait_s`` > 0 the reply waits up to that long for the job to end."""
+
+    job_id: StrictStr
+    wait_s: StrictFloat = 0.0
+    include_outputs: StrictBool = True
+
+
+@message("job_detail", kind="reply")
+@dataclass(frozen=True)
+class JobDetail:
+    job: JobView
+
+
+@message("cancel_job", kind="request", served_by="controller.admin")
+@dataclass(frozen=True)
+class CancelJob:
+    job_id: StrictStr
+    reason: StrictStr = "cancelled by operator"
+
+
+@message("list_components", kind="request", served_by="controller.admin")
+@dataclass(frozen=True)
+class ListComponents:
+    pass
+
+
+@dataclass(frozen=True)
+class ComponentView:
+    node: StrictStr
+    desired: StrictBool  # in the current plan
+    report: ComponentReport | None  # None: planned but not (yet) reported by the agent
+    component_id: StrictStr
+    executor: StrictStr
+    device_indexes: tuple[StrictInt, ...]
+    last_error: StrictStr = ""
+
+
+@message("component_list", kind="reply")
+@dataclass(frozen=True)
+class ComponentList:
+    components: tuple[ComponentView, ...]
+
+
 # --- either direction ------------------------------------------------------------------
 
 
@@ -280,4 +599,36 @@ __all__ = [
     "GetStatus",
     "ClusterStatus",
     "ErrorReply",
+    "ComponentReport",
+    "StartComponent",
+    "StopComponent",
+    "Invoke",
+    "InvocationResult",
+    "ApplyCatalog",
+    "CatalogApplied",
+    "ListExecutors",
+    "ExecutorView",
+    "ExecutorList",
+    "ApplyWorkflow",
+    "WorkflowApplied",
+    "ListWorkflows",
+    "WorkflowSummary",
+    "WorkflowList",
+    "GetWorkflow",
+    "WorkflowDetail",
+    "DeleteWorkflow",
+    "WorkflowDeleted",
+    "SubmitJob",
+    "JobAccepted",
+    "InvocationView",
+    "JobView",
+    "ListJobs",
+    "JobSummary",
+    "JobList",
+    "GetJob",
+    "JobDetail",
+    "CancelJob",
+    "ListComponents",
+    "ComponentView",
+    "ComponentList",
 ]

@@ -1,0 +1,1 @@
+"""Components: the engine instances (vLLM servers, tools, simulated engines) an agent runs."""

@@ -1,0 +1,1 @@
+"""Engines behind components: ``vllm`` servers, ``tool`` entry points and ``sim`` models."""

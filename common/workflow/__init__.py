@@ -1,0 +1,1 @@
+"""Workflows, tasks, executor catalogs and the value types that flow between stages."""
