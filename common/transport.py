@@ -209,9 +209,15 @@ class RpcEndpoint:
     def _on_readable(self) -> None:
         """With coalescing, stop watching for ``coalesce_s`` and then handle everything that arrived.
 
+        Not while a request of ours awaits its reply: coalescing is for the heartbeat flood, and
+        would otherwise add its delay to every stage invocation.
+
         Each wake-up costs the controller far more than decoding one heartbeat; at a thousand
         heartbeats a second, a couple of milliseconds of coalescing turns many wake-ups into one.
         """
+        if self._pending:  # someone awaits a reply (an invocation, a command): do not delay it
+            self._drain()
+            return
         loop = asyncio.get_running_loop()
         loop.remove_reader(self._fd)
         loop.call_later(self.coalesce_s, self._coalesced_drain)

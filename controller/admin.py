@@ -6,8 +6,9 @@ from typing import TYPE_CHECKING, Any
 
 from common import __version__
 from common.protocol import (
-    ClusterStatus, DrainNode, ErrorReply, GetNode, GetStatus, LabelNode, ListNodes, NodeDetail, NodeList, NodeView,
-    SetNodePowerLimit, UndrainNode, build_dispatch,
+    ApplyCatalog, ApplyWorkflow, CancelJob, ClusterStatus, DeleteWorkflow, DrainNode, ErrorReply, GetJob, GetNode,
+    GetStatus, GetWorkflow, LabelNode, ListComponents, ListExecutors, ListJobs, ListNodes, ListWorkflows, NodeDetail,
+    NodeList, NodeView, SetNodePowerLimit, SubmitJob, UndrainNode, build_dispatch,
 )
 from controller.registry import (
     Accepted, DrainRequested, LabelsChanged, Liveness, NodeRecord, Rejected, UndrainRequested,
@@ -26,7 +27,25 @@ class AdminApi:
         self.dispatch = build_dispatch("controller.admin", {
             ListNodes: self.list_nodes, GetNode: self.get_node, DrainNode: self.drain, UndrainNode: self.undrain,
             LabelNode: self.label, SetNodePowerLimit: self.set_power_limit, GetStatus: self.status,
+            **self._workload_handlers(),
         })
+
+    def _workload_handlers(self) -> dict[type, Any]:
+        """Catalog, workflow and job requests go straight to the workload service."""
+        w = self.controller.workloads
+        return {
+            ApplyCatalog: lambda peer, m: w.apply_catalog(m.source_name, m.yaml_text),
+            ListExecutors: lambda peer, m: w.list_executors(),
+            ApplyWorkflow: lambda peer, m: w.apply_workflow(m.source_name, m.yaml_text),
+            ListWorkflows: lambda peer, m: w.list_workflows(),
+            GetWorkflow: lambda peer, m: w.get_workflow(m.name),
+            DeleteWorkflow: lambda peer, m: w.delete_workflow(m.name),
+            SubmitJob: lambda peer, m: w.submit(m),
+            ListJobs: lambda peer, m: w.list_jobs(m.limit, m.state, m.workflow),
+            GetJob: lambda peer, m: w.get_job(m.job_id, m.wait_s, m.include_outputs),
+            CancelJob: lambda peer, m: w.cancel(m.job_id, m.reason),
+            ListComponents: lambda peer, m: w.list_components(),
+        }
 
     def view(self, node: NodeRecord) -> NodeView:
         to_unix = self.controller.to_unix

@@ -27,6 +27,10 @@ class ControllerSettings(BaseModel):
     # Handle agent messages in batches this far apart: fewer wake-ups at fleet scale, for at most
     # this much added latency per heartbeat. 0 handles each message as it arrives.
     agent_receive_coalesce_s: float = Field(0.005, ge=0, le=0.1)
+    invocation_timeout_s: float = Field(300.0, gt=0, le=86400, description="one stage invocation, before a retry")
+    invocation_max_attempts: int = Field(3, ge=1, le=20)
+    job_queue_timeout_s: float = Field(900.0, gt=0, description="waiting for a ready component before failing")
+    job_timeout_s: float = Field(3600.0, gt=0)
     log_level: str = "INFO"
 
     @model_validator(mode="after")

@@ -26,6 +26,7 @@ from common.protocol import (
 from common.transport import PeerUnreachable, RemoteError, RequestTimeout, RpcEndpoint, configure_socket
 from controller.admin import AdminApi
 from controller.config import ControllerSettings
+from controller.jobs.service import WorkloadConfig, WorkloadService
 from controller.registry import (
     Accepted, Action, HeartbeatReceived, NodeRecord, NodeRegistered, NodeRegistry, PersistNode, RegistryConfig,
     Rejected, StateChanged, Tick,
@@ -46,6 +47,7 @@ class ControllerMetrics:
             registry=registry)
         self.transitions = Counter("murakkab_node_transitions", "Node state transitions.", ["to"], registry=registry)
         self.commands = Counter("murakkab_commands", "Commands sent to agents.", ["op", "result"], registry=registry)
+        self.jobs = Counter("murakkab_jobs", "Jobs accepted and ended, by outcome.", ["result"], registry=registry)
 
 
 class Controller:
@@ -71,6 +73,10 @@ class Controller:
         self.agent_endpoint = self.admin_endpoint = ""
         self.metrics_port: int | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self.workloads = WorkloadService(self, WorkloadConfig(
+            invocation_timeout_s=settings.invocation_timeout_s, max_attempts=settings.invocation_max_attempts,
+            queue_timeout_s=settings.job_queue_timeout_s, job_timeout_s=settings.job_timeout_s,
+            command_timeout_s=settings.command_timeout_s))
 
     def to_unix(self, monotonic_s: float | None) -> float | None:
         return None if monotonic_s is None else monotonic_s + self.unix_offset_s
@@ -97,6 +103,7 @@ class Controller:
             on_rejected=lambda code: self.metrics.frames_rejected.labels("admin", code).inc())
         self.metrics_port = (serve_metrics(self.metrics_registry, self.settings.metrics_host, self.settings.metrics_port)
                              if self.settings.metrics_enabled else None)
+        self.workloads.load()
         self._tasks = [asyncio.create_task(self.agents.serve()), asyncio.create_task(self.admin.serve()),
                        asyncio.create_task(self._tick_loop())]
         self._write_endpoints()
@@ -126,6 +133,7 @@ class Controller:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.workloads.close()
         for endpoint in (self.agents, self.admin):
             if endpoint is not None:
                 endpoint.close()
@@ -135,7 +143,12 @@ class Controller:
     async def _tick_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.tick_interval_s)
-            self.apply(self.registry.handle(Tick(self.clock())))
+            now = self.clock()
+            self.apply(self.registry.handle(Tick(now)))
+            try:
+                self.workloads.tick(now)
+            except Exception:  # a bug in one tick must not stop the clock for every job
+                log.exception("workload tick failed")
 
     # --- registry actions --------------------------------------------------------------
 
@@ -180,6 +193,8 @@ class Controller:
         else:
             self._heartbeats_ok.inc()
             reply = HeartbeatAck(self.epoch, answer.state if answer else "unknown")
+            if msg.components or msg.node_name in self.workloads.reports:
+                self.workloads.on_heartbeat(msg.node_name, msg.components, self.clock())
         self.metrics.heartbeat_handling.observe(time.perf_counter() - started)
         return reply
 

@@ -41,6 +41,8 @@ def add_cluster_commands(sub: Any) -> None:
     up.add_argument("--suspect-after", type=float, default=3.0, help="seconds without heartbeat")
     up.add_argument("--lost-after", type=float, default=10.0, help="seconds without heartbeat")
     up.add_argument("--seed", type=int, default=0)
+    up.add_argument("--model-dir", type=Path, default=None,
+                    help="where agents find models ({model_dir} in catalogs); default STATE_DIR/models")
     up.set_defaults(handler=cluster_up)
     down = cluster_sub.add_parser("down", help="stop every process of a local cluster")
     down.add_argument("--state-dir", type=Path, required=True)
@@ -145,11 +147,12 @@ def cluster_up(args: argparse.Namespace, console: Console) -> int:
             "utilization": args.sim_utilization}}))
     if args.cpu_node:
         agents.append(("cpu-node", {"backend": "cpu", "include_cpu": True}))
+    model_dir = (args.model_dir or state_dir / "models").resolve()
     for name, devices in agents:
         config = _write_toml(state_dir / "agents" / name / "agent.toml", {
             "agent": {"node_name": name, "controller": endpoints["agents"], "state_dir": str(state_dir / "agents" / name),
                       "heartbeat_interval_s": args.heartbeat_interval, "labels": {"cluster": "local"},
-                      "metrics_host": "127.0.0.1", "metrics_port": 0},
+                      "metrics_host": "127.0.0.1", "metrics_port": 0, "model_dir": str(model_dir)},
             "devices": devices})
         started[name] = spawn(state_dir, name, [sys.executable, "-m", "agent.main", "--config", str(config)])
     (state_dir / "controller.addr").write_text(endpoints["admin"] + "\n")

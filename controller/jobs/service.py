@@ -1,0 +1,534 @@
+"""The controller's workload shell: catalog, workflows, jobs, plan and components.
+
+A thin asyncio layer around three pure cores — the job executor (DAG execution), the
+planner (which executors, knobs and placements) and the reconciler (desired versus
+reported components). It feeds them events (submissions, heartbeats, invocation
+results, clock ticks) and performs the actions they return: send commands and
+invocations to agents, persist to SQLite, answer waiting clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from common.protocol import (
+    CatalogApplied, ComponentList, ComponentReport, ComponentView, ErrorReply, ExecutorList, ExecutorView,
+    InvocationResult, InvocationView, Invoke, JobAccepted, JobDetail, JobList, JobSummary, JobView, ProtocolError,
+    StartComponent, StopComponent, SubmitJob, WorkflowApplied, WorkflowDeleted, WorkflowDetail, WorkflowList,
+    WorkflowSummary,
+)
+from common.transport import PeerUnreachable, RemoteError, RequestTimeout
+from common.workflow.catalog import ExecutorSpec
+from common.workflow.loader import SpecError, load_catalog, load_workflow
+from common.workflow.spec import WorkflowSpec
+from common.workflow.types import check_value, value_bytes
+from controller.jobs import executor as jx
+from controller.jobs.store import InvocationRow, StoredJob, StoredWorkflow, WorkloadStore
+from controller import reconciler as rc
+from controller.registry import Liveness, NodeRecord
+from policies import first_fit
+from policies.plan import SLO_DIMENSIONS, SLO_TIERS, Demand, DeviceSlot, NodeSnapshot, Plan, StageChoice
+
+if TYPE_CHECKING:
+    from controller.daemon import Controller
+
+log = logging.getLogger("murakkab.controller.jobs")
+
+MAX_JOB_INPUT_BYTES = 768 * 1024  # a job's inputs must fit one frame, with room for the envelope
+MAX_WAIT_S = 30.0
+REPLY_GRACE_S = 5.0  # on top of an invocation's own timeout, for the reply to travel back
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    invocation_timeout_s: float = 300.0
+    max_attempts: int = 3
+    queue_timeout_s: float = 900.0
+    job_timeout_s: float = 3600.0
+    demand_ttl_s: float = 3600.0  # a (workflow, SLO) pair keeps its components this long after its last job
+    replan_interval_s: float = 30.0
+    command_timeout_s: float = 10.0
+    drain_timeout_s: float = 30.0
+
+
+class WorkloadService:
+    def __init__(self, controller: "Controller", config: WorkloadConfig) -> None:
+        self.c = controller
+        self.config = config
+        self.store = WorkloadStore(controller.store.db)
+        self.catalog: dict[str, ExecutorSpec] = {}
+        self.catalog_versions: dict[str, int] = {}
+        self.workflows: dict[str, tuple[StoredWorkflow, WorkflowSpec]] = {}
+        self.executor = jx.JobExecutor(jx.ExecutorConfig(
+            invocation_timeout_s=config.invocation_timeout_s, max_attempts=config.max_attempts,
+            queue_timeout_s=config.queue_timeout_s, job_timeout_s=config.job_timeout_s))
+        self.reconciler = rc.Reconciler(rc.ReconcilerConfig(command_timeout_s=config.command_timeout_s,
+                                                            drain_timeout_s=config.drain_timeout_s))
+        self.plan = Plan(choices={}, components=())
+        self.demands: dict[Demand, float] = {}  # demand -> last time a job asked for it (monotonic s)
+        self.reports: dict[str, tuple[ComponentReport, ...]] = {}
+        self._ready_key: tuple[Any, ...] = ()
+        self._nodes_key: tuple[Any, ...] = ()
+        self._replan_at_s = 0.0
+        self._replan_needed = True
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._commands: dict[str, asyncio.Task[None]] = {}
+        self._dispatched: dict[str, InvocationRow] = {}
+        self._job_demands: dict[str, Demand] = {}  # unfinished job -> its demand (keeps its components planned)
+
+    # --- start-up --------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Restore catalog, workflows and unfinished jobs; resumed jobs keep their completed stages."""
+        for name, (version, data) in self.store.load_executors().items():
+            try:
+                self.catalog[name] = ExecutorSpec.model_validate(data)
+                self.catalog_versions[name] = version
+            except ValidationError as exc:
+                log.error("stored executor %s v%d no longer validates; ignored: %s", name, version, exc)
+        for stored in self.store.load_workflows():
+            self.workflows[stored.name] = (stored, WorkflowSpec.from_dict(stored.spec))
+        now = self.c.clock()
+        for name in self.workflows:
+            self.demands[Demand(name)] = now
+        for job in self.store.unfinished_jobs():
+            self.demands[Demand.of(job.workflow, job.slo)] = now
+            self._job_demands[job.job_id] = Demand.of(job.workflow, job.slo)
+            restored = self.store.stage_outputs(job.job_id)
+            choices = {stage: StageChoice(c["executor"], dict(c["knobs"])) for stage, c in job.choices.items()}
+            log.info("resuming job %s (%s) with %d completed stages", job.job_id, job.workflow, len(restored))
+            self.perform(self.executor.handle(jx.JobSubmitted(
+                job.job_id, WorkflowSpec.from_dict(job.spec), job.inputs, choices, now, restored=restored)))
+
+    # --- the clock and the heartbeats ------------------------------------------------------
+
+    def tick(self, now_s: float) -> None:
+        self._expire_demands(now_s)
+        nodes_key = tuple((n.name, n.liveness, n.admin_state, n.generation) for n in self.c.registry.nodes.values())
+        if nodes_key != self._nodes_key:
+            self._nodes_key = nodes_key
+            self._replan_needed = True
+            for node in self.c.registry.nodes.values():
+                if node.liveness is not Liveness.READY:
+                    self._node_report(node.name, False, self.reports.get(node.name, ()), now_s)
+        if self._replan_needed or now_s >= self._replan_at_s:
+            self.replan(now_s)
+        self.perform(self.reconciler.handle(rc.Tick(now_s)))
+        self.perform(self.executor.handle(jx.Tick(now_s)))
+
+    def on_heartbeat(self, node_name: str, reports: tuple[ComponentReport, ...], now_s: float) -> None:
+        node = self.c.registry.nodes.get(node_name)
+        ready = node is not None and node.liveness is Liveness.READY
+        self._node_report(node_name, ready, reports, now_s)
+
+    def _node_report(self, node_name: str, ready: bool, reports: tuple[ComponentReport, ...], now_s: float) -> None:
+        self.reports[node_name] = reports if ready else ()
+        self.perform(self.reconciler.handle(rc.NodeReport(node_name, ready, reports, now_s)))
+        self._update_ready_components(now_s)
+
+    def _update_ready_components(self, now_s: float) -> None:
+        desired = {p.component_id: p for p in self.plan.components}
+        ready: list[jx.ReadyComponent] = []
+        for node_name, reports in self.reports.items():
+            for report in reports:
+                placed = desired.get(report.component_id)
+                spec = self.catalog.get(report.executor)
+                if report.state != "ready" or placed is None or placed.node != node_name or spec is None:
+                    continue
+                ready.append(jx.ReadyComponent(report.component_id, node_name, report.executor,
+                                               spec.max_concurrency, tuple(report.device_indexes)))
+        ready.sort(key=lambda r: r.component_id)
+        key = tuple(ready)
+        if key != self._ready_key:
+            self._ready_key = key
+            self.perform(self.executor.handle(jx.ComponentsChanged(key, now_s)))
+
+    # --- planning --------------------------------------------------------------------------
+
+    def _expire_demands(self, now_s: float) -> None:
+        live = set(self._job_demands.values())
+        for demand, seen_s in list(self.demands.items()):
+            applied_default = demand.slo == () and demand.workflow in self.workflows
+            if (demand.workflow not in self.workflows
+                    or (not applied_default and demand not in live and now_s - seen_s > self.config.demand_ttl_s)):
+                del self.demands[demand]
+                self._replan_needed = True
+
+    def node_snapshots(self) -> list[NodeSnapshot]:
+        snapshots = []
+        for node in self.c.registry.nodes.values():
+            schedulable = node.schedulable()
+            devices = tuple(DeviceSlot(d.index, d.kind, d.model, d.simulated, d.memory_total_bytes) for d in node.devices)
+            host = node.host_info
+            snapshots.append(NodeSnapshot(node.name, schedulable, devices, host.cpu_count if host else 0,
+                                          host.memory_total_bytes if host else 0, dict(node.labels)))
+        return snapshots
+
+    def replan(self, now_s: float) -> Plan:
+        self._replan_needed = False
+        self._replan_at_s = now_s + self.config.replan_interval_s
+        workflows = {name: spec for name, (_, spec) in self.workflows.items()}
+        plan = first_fit.plan(workflows, self.catalog, sorted(self.demands, key=repr), self.node_snapshots(),
+                              self.plan.components)
+        if plan.components != self.plan.components or plan.notes != self.plan.notes:
+            for note in plan.notes:
+                log.warning("plan: %s", note)
+            log.info("plan: %d components for %d demands", len(plan.components), len(plan.choices))
+        self.plan = plan
+        self.perform(self.reconciler.handle(rc.DesiredChanged(plan.components, now_s)))
+        self._update_ready_components(now_s)
+        return plan
+
+    # --- performing actions ----------------------------------------------------------------
+
+    def perform(self, actions: Iterable[Any]) -> None:
+        for action in actions:
+            match action:
+                case jx.Dispatch():
+                    self._dispatch(action)
+                case jx.Abandon(invocation_id=invocation_id, reason=reason):
+                    task = self._inflight.pop(invocation_id, None)
+                    if task is not None:
+                        task.cancel()
+                    row = self._dispatched.pop(invocation_id, None)
+                    if row is not None:
+                        self._save_row(row, "failed", reason)
+                case jx.JobStarted(job_id=job_id):
+                    self.store.mark_started(job_id, time.time())
+                case jx.StageCompleted(job_id=job_id, stage=stage, outputs=outputs):
+                    self.store.save_stage_outputs(job_id, stage, outputs)
+                case jx.JobFinished(job_id=job_id, state=state, reason=reason, outputs=outputs):
+                    self._finish_job(job_id, state, reason, outputs)
+                case rc.SendStart() | rc.SendStop():
+                    self._send_command(action)
+                case _:
+                    pass  # informational actions (e.g. queued) need no side effect
+
+    def _finish_job(self, job_id: str, state: str, reason: str, outputs: dict[str, Any] | None) -> None:
+        self.store.finish_job(job_id, state, reason, outputs if state == "succeeded" else None, time.time())
+        self._job_demands.pop(job_id, None)
+        level = logging.INFO if state == "succeeded" else logging.WARNING
+        log.log(level, "job %s %s%s", job_id, state, f": {reason}" if reason else "")
+        self.c.metrics.jobs.labels(state).inc()
+        for waiter in self._waiters.pop(job_id, []):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _save_row(self, row: InvocationRow, state: str, error: str = "", result: InvocationResult | None = None) -> None:
+        if result is not None:
+            row = InvocationRow(row.invocation_id, row.job_id, row.stage, row.item, row.attempt, row.executor,
+                                row.knobs, row.node, row.component_id, tuple(result.device_indexes) or row.device_indexes,
+                                state, error, result.started_at_unix_s, result.ended_at_unix_s, result.latency_s,
+                                result.energy_j, result.simulated)
+        else:
+            row = InvocationRow(row.invocation_id, row.job_id, row.stage, row.item, row.attempt, row.executor,
+                                row.knobs, row.node, row.component_id, row.device_indexes, state, error,
+                                row.started_at_unix_s, time.time() if state != "running" else None, row.latency_s,
+                                row.energy_j, row.simulated)
+        self.store.save_invocation(row)
+
+    def _dispatch(self, d: "jx.Dispatch") -> None:
+        placed = next((p for p in self.plan.components if p.component_id == d.component_id), None)
+        spec = self.catalog.get(d.executor)
+        row = InvocationRow(d.invocation_id, d.job_id, d.stage, d.item, d.attempt, d.executor, dict(d.knobs), d.node,
+                            d.component_id, placed.device_indexes if placed else (), "running", "", time.time(),
+                            None, None, None, spec is not None and spec.engine == "sim")
+        self.store.save_invocation(row)
+        self._dispatched[d.invocation_id] = row
+        task = asyncio.ensure_future(self._invoke(d, row))
+        self._inflight[d.invocation_id] = task
+        task.add_done_callback(lambda _t, i=d.invocation_id: self._inflight.pop(i, None))
+
+    async def _invoke(self, d: "jx.Dispatch", row: InvocationRow) -> None:
+        assert self.c.agents is not None
+        message = Invoke(d.invocation_id, self.c.epoch, d.component_id, d.task, dict(d.inputs), dict(d.knobs),
+                         float(d.timeout_s))
+        event: Any
+        try:
+            result = await self.c.agents.request(message, peer=d.node.encode(), timeout_s=d.timeout_s + REPLY_GRACE_S)
+        except RequestTimeout:
+            event = jx.InvocationFailed(d.invocation_id, "timeout", f"no reply from {d.node} within "
+                                        f"{d.timeout_s + REPLY_GRACE_S:g}s", True, self.c.clock())
+        except PeerUnreachable:
+            event = jx.InvocationFailed(d.invocation_id, "node_unreachable", f"node {d.node} is not connected",
+                                        True, self.c.clock())
+        except RemoteError as exc:
+            retryable = exc.code in ("stale_command", "not_registered", "internal")
+            event = jx.InvocationFailed(d.invocation_id, exc.code, exc.message, retryable, self.c.clock())
+        except ProtocolError as exc:  # e.g. the stage's inputs do not fit a frame
+            event = jx.InvocationFailed(d.invocation_id, exc.code, f"stage inputs cannot be sent: {exc.message}",
+                                        False, self.c.clock())
+        else:
+            if result.ok:
+                self._save_row(row, "succeeded", result=result)
+                event = jx.InvocationSucceeded(d.invocation_id, dict(result.outputs), self.c.clock())
+            else:
+                self._save_row(row, "failed", f"{result.error_code}: {result.error}", result=result)
+                event = jx.InvocationFailed(d.invocation_id, result.error_code, result.error, result.retryable,
+                                            self.c.clock())
+            self._dispatched.pop(d.invocation_id, None)
+            self._inflight.pop(d.invocation_id, None)
+            self.perform(self.executor.handle(event))
+            return
+        self._dispatched.pop(d.invocation_id, None)
+        self._inflight.pop(d.invocation_id, None)
+        self._save_row(row, "failed", f"{event.code}: {event.message}")
+        self.perform(self.executor.handle(event))
+
+    def _send_command(self, action: "rc.SendStart | rc.SendStop") -> None:
+        node = self.c.registry.nodes.get(action.node)
+        if node is None:
+            self.perform(self.reconciler.handle(rc.CommandDone(action.command_id, False, f"unknown node {action.node}",
+                                                               self.c.clock())))
+            return
+        if isinstance(action, rc.SendStart):
+            spec = self.catalog.get(action.executor)
+            if spec is None:
+                self.perform(self.reconciler.handle(rc.CommandDone(
+                    action.command_id, False, f"executor {action.executor} is not in the catalog", self.c.clock())))
+                return
+            message: Any = StartComponent(action.command_id, self.c.epoch, node.generation, action.component_id,
+                                          spec.model_dump(mode="json"), tuple(action.device_indexes))
+        else:
+            message = StopComponent(action.command_id, self.c.epoch, node.generation, action.component_id,
+                                    float(action.drain_timeout_s))
+        task = asyncio.ensure_future(self._command(action.command_id, node, message))
+        self._commands[action.command_id] = task
+        task.add_done_callback(lambda _t, i=action.command_id: self._commands.pop(i, None))
+
+    async def _command(self, command_id: str, node: NodeRecord, message: Any) -> None:
+        assert self.c.agents is not None
+        try:
+            result = await self.c.agents.request(message, peer=node.name.encode(),
+                                                 timeout_s=self.config.command_timeout_s)
+            ok, text = result.ok, result.message
+        except (RequestTimeout, PeerUnreachable, RemoteError) as exc:
+            ok, text = False, f"{type(exc).__name__}: {exc}"
+        self.c.metrics.commands.labels(message.op, "ok" if ok else "failed").inc()
+        if not ok:
+            log.warning("%s %s on %s failed: %s", message.op, message.component_id, node.name, text)
+        self.perform(self.reconciler.handle(rc.CommandDone(command_id, ok, text, self.c.clock())))
+
+    async def close(self) -> None:
+        tasks = [*self._inflight.values(), *self._commands.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                waiter.cancel()
+
+    # --- admin: catalog and workflows ------------------------------------------------------
+
+    def apply_catalog(self, source_name: str, yaml_text: str) -> Any:
+        try:
+            executors = load_catalog(yaml_text, source_name)
+        except SpecError as exc:
+            return ErrorReply("invalid_catalog", str(exc))
+        version = self.store.save_executors([(e.name, e.model_dump(mode="json")) for e in executors], source_name)
+        for executor in executors:
+            self.catalog[executor.name] = executor
+            self.catalog_versions[executor.name] = version
+        self._replan_needed = True
+        warnings = tuple(self._unserved_tasks_warnings())
+        log.info("catalog v%d from %s: %s", version, source_name, ", ".join(e.name for e in executors))
+        return CatalogApplied(version, tuple(e.name for e in executors), warnings)
+
+    def _unserved_tasks_warnings(self) -> list[str]:
+        tasks = {e.task for e in self.catalog.values()}
+        warnings = []
+        for name, (_, spec) in sorted(self.workflows.items()):
+            missing = sorted({s.task for s in spec.stages} - tasks)
+            if missing:
+                warnings.append(f"workflow {name}: no executor in the catalog for task(s) {', '.join(missing)}")
+        return warnings
+
+    def list_executors(self) -> ExecutorList:
+        views = []
+        for name, spec in sorted(self.catalog.items()):
+            views.append(ExecutorView(name, spec.task, spec.engine, spec.resources.device, self.catalog_versions[name],
+                                      {k: tuple(v.values) for k, v in spec.knobs.items()}, spec.model_dump(mode="json")))
+        return ExecutorList(tuple(views))
+
+    def apply_workflow(self, source_name: str, yaml_text: str) -> Any:
+        try:
+            spec = load_workflow(yaml_text, source_name)
+        except SpecError as exc:
+            return ErrorReply("invalid_workflow", str(exc))
+        version, unchanged = self.store.save_workflow(spec.name, yaml_text, spec.to_dict(), source_name)
+        stored = self.store.latest_workflow(spec.name)
+        assert stored is not None
+        self.workflows[spec.name] = (stored, spec)
+        self.demands[Demand(spec.name)] = self.c.clock()
+        self._replan_needed = True
+        tasks = {e.task for e in self.catalog.values()}
+        missing = sorted({s.task for s in spec.stages} - tasks)
+        warnings = (f"no executor in the catalog for task(s) {', '.join(missing)}; jobs will be refused until "
+                    "a catalog provides them",) if missing else ()
+        return WorkflowApplied(spec.name, version, unchanged, warnings)
+
+    def _summary(self, stored: StoredWorkflow, spec: WorkflowSpec) -> WorkflowSummary:
+        return WorkflowSummary(spec.name, stored.version, spec.description, len(spec.stages), spec.input_types(),
+                               stored.applied_at_unix_s)
+
+    def list_workflows(self) -> WorkflowList:
+        return WorkflowList(tuple(self._summary(s, w) for _, (s, w) in sorted(self.workflows.items())))
+
+    def get_workflow(self, name: str) -> Any:
+        entry = self.workflows.get(name)
+        if entry is None:
+            return self._unknown_workflow(name)
+        stored, spec = entry
+        return WorkflowDetail(self._summary(stored, spec), stored.yaml_text, spec.to_dict())
+
+    def delete_workflow(self, name: str) -> Any:
+        if name not in self.workflows:
+            return self._unknown_workflow(name)
+        versions = self.store.delete_workflow(name)
+        del self.workflows[name]
+        self._replan_needed = True
+        return WorkflowDeleted(name, versions)
+
+    def _unknown_workflow(self, name: str) -> ErrorReply:
+        known = ", ".join(sorted(self.workflows)) or "none applied"
+        return ErrorReply("unknown_workflow", f"no workflow named {name!r} (known: {known})")
+
+    # --- admin: jobs -----------------------------------------------------------------------
+
+    def submit(self, msg: SubmitJob) -> Any:
+        if msg.idempotency_key:
+            existing = self.store.job_for_key(msg.idempotency_key)
+            if existing is not None:
+                job = self.store.get_job(existing)
+                assert job is not None
+                return JobAccepted(existing, job.workflow_version)
+        entry = self.workflows.get(msg.workflow)
+        if entry is None:
+            return self._unknown_workflow(msg.workflow)
+        stored, spec = entry
+        problem = self._check_slo(msg.slo) or self._check_inputs(spec, msg.inputs)
+        if problem is not None:
+            return problem
+        now = self.c.clock()
+        demand = Demand.of(msg.workflow, dict(msg.slo))
+        if demand not in self.plan.choices:
+            self.demands[demand] = now
+            self.replan(now)
+        if demand not in self.plan.choices:
+            reason = self.plan.unsatisfiable.get(demand, "the planner found no executors for it")
+            if demand.slo:
+                del self.demands[demand]
+            return ErrorReply("unsatisfiable", f"workflow {msg.workflow} at SLO {dict(msg.slo) or 'default'} cannot "
+                                               f"be served: {reason}")
+        self.demands[demand] = now
+        choices = self.plan.choices[demand]
+        job = StoredJob(f"j-{uuid.uuid4().hex[:12]}", msg.workflow, stored.version, spec.to_dict(), dict(msg.slo),
+                        {stage: {"executor": c.executor, "knobs": dict(c.knobs)} for stage, c in choices.items()},
+                        dict(msg.inputs), "queued", "", None, time.time(), None, None)
+        self.store.insert_job(job, msg.idempotency_key)
+        self._job_demands[job.job_id] = demand
+        self.c.metrics.jobs.labels("accepted").inc()
+        self.perform(self.executor.handle(jx.JobSubmitted(job.job_id, spec, dict(msg.inputs), dict(choices), now)))
+        return JobAccepted(job.job_id, stored.version)
+
+    @staticmethod
+    def _check_slo(slo: dict[str, str]) -> ErrorReply | None:
+        for dimension, tier in slo.items():
+            if dimension not in SLO_DIMENSIONS:
+                return ErrorReply("invalid_slo", f"unknown SLO dimension {dimension!r} (use {', '.join(SLO_DIMENSIONS)})")
+            if tier not in SLO_TIERS:
+                return ErrorReply("invalid_slo", f"unknown {dimension} tier {tier!r} (use {', '.join(SLO_TIERS)})")
+        return None
+
+    @staticmethod
+    def _check_inputs(spec: WorkflowSpec, inputs: dict[str, Any]) -> ErrorReply | None:
+        declared = spec.inputs
+        unknown = sorted(set(inputs) - set(declared))
+        if unknown:
+            return ErrorReply("invalid_input", f"unknown input(s) {', '.join(unknown)}; {spec.name} takes "
+                                               + ", ".join(f"{n} ({i.type})" for n, i in declared.items()))
+        missing = sorted(n for n, i in declared.items() if i.required and n not in inputs)
+        if missing:
+            return ErrorReply("invalid_input", f"missing required input(s) {', '.join(missing)} for {spec.name}")
+        size = sum(value_bytes(v) for v in inputs.values())
+        if size > MAX_JOB_INPUT_BYTES:
+            return ErrorReply("input_too_large", f"inputs are about {size} bytes; a job takes at most "
+                                                 f"{MAX_JOB_INPUT_BYTES} bytes of inputs")
+        for name, value in inputs.items():
+            problem = check_value(declared[name].type, value, f"input {name}")
+            if problem is not None:
+                return ErrorReply("invalid_input", problem)
+        return None
+
+    def cancel(self, job_id: str, reason: str) -> Any:
+        job = self.store.get_job(job_id)
+        if job is None:
+            return ErrorReply("unknown_job", f"no job {job_id!r}")
+        if job.state in ("queued", "running"):
+            self.perform(self.executor.handle(jx.CancelRequested(job_id, reason, self.c.clock())))
+        return JobDetail(self.job_view(job_id))
+
+    async def get_job(self, job_id: str, wait_s: float, include_outputs: bool) -> Any:
+        job = self.store.get_job(job_id)
+        if job is None:
+            return ErrorReply("unknown_job", f"no job {job_id!r}")
+        if wait_s > 0 and job.state in ("queued", "running"):
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.setdefault(job_id, []).append(waiter)
+            await asyncio.wait([waiter], timeout=min(wait_s, MAX_WAIT_S))
+            if not waiter.done():
+                waiters = self._waiters.get(job_id, [])
+                if waiter in waiters:
+                    waiters.remove(waiter)
+                waiter.cancel()
+        return JobDetail(self.job_view(job_id, include_outputs))
+
+    def job_view(self, job_id: str, include_outputs: bool = True) -> JobView:
+        job = self.store.get_job(job_id)
+        assert job is not None
+        invocations = tuple(
+            InvocationView(r.invocation_id, r.stage, r.item, r.attempt, r.executor, r.knobs, r.node, r.component_id,
+                           r.device_indexes, r.state, r.error, r.started_at_unix_s, r.ended_at_unix_s, r.latency_s,
+                           r.energy_j, r.simulated)
+            for r in self.store.invocations(job_id))
+        return JobView(job.job_id, job.workflow, job.workflow_version, job.state, job.reason, job.slo,
+                       job.submitted_at_unix_s, job.started_at_unix_s, job.ended_at_unix_s,
+                       (job.outputs or {}) if include_outputs else {}, invocations)
+
+    def list_jobs(self, limit: int, state: str, workflow: str) -> Any:
+        if not 1 <= limit <= 1000:
+            return ErrorReply("invalid_argument", f"limit must be 1-1000, got {limit}")
+        summaries = []
+        for job, energy_j in self.store.list_jobs(limit, state, workflow):
+            latency = (job.ended_at_unix_s - job.submitted_at_unix_s) if job.ended_at_unix_s else None
+            summaries.append(JobSummary(job.job_id, job.workflow, job.state, job.reason, job.slo,
+                                        job.submitted_at_unix_s, job.ended_at_unix_s, latency, energy_j))
+        return JobList(tuple(summaries))
+
+    def list_components(self) -> ComponentList:
+        views: list[ComponentView] = []
+        desired = {p.component_id: p for p in self.plan.components}
+        seen: set[str] = set()
+        for node_name, reports in sorted(self.reports.items()):
+            for report in reports:
+                seen.add(report.component_id)
+                placed = desired.get(report.component_id)
+                status = self.reconciler.status(report.component_id)
+                views.append(ComponentView(node_name, placed is not None and placed.node == node_name, report,
+                                           report.component_id, report.executor, tuple(report.device_indexes),
+                                           status.last_error if status else ""))
+        for placed in self.plan.components:
+            if placed.component_id not in seen:
+                status = self.reconciler.status(placed.component_id)
+                views.append(ComponentView(placed.node, True, None, placed.component_id, placed.executor,
+                                           placed.device_indexes, status.last_error if status else ""))
+        return ComponentList(tuple(views))
