@@ -1,34 +1,31 @@
 #!/usr/bin/env bash
 # The `make demo` walk-through: expects a local cluster and MURAKKAB_CONTROLLER to point at it.
+# rag-qa runs on real vLLM engines (the CPU build) on this machine; GPU numbers of sim nodes are simulated.
 set -euo pipefail
 ctl=${MURAKKABCTL:-.venv/bin/murakkabctl}
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-step "Nodes and their live telemetry (GPU numbers are simulated and labeled so)"
+step "Nodes: cpu-node runs real engines; sim-node-* have simulated H100s (labeled so)"
 $ctl nodes
 
-step "Cap GPU 0 of sim-node-1 at 200 W while it runs at full load"
-gpu0() {  # one line about GPU 0 of sim-node-1, from the JSON the CLI prints
-  $ctl node show sim-node-1 -o json | python3 -c '
-import json, sys
-d = json.load(sys.stdin)["devices"][0]
-print("%s: %.0f W, %.1f C, limit %.0f W, SM %s MHz, throttle %s" % (sys.argv[1], d["power_w"], d["temperature_c"],
-      d["power_limit_w"], d["sm_clock_mhz"], ",".join(d["throttle_reasons"]) or "none"))' "$1"
-}
-gpu0 before
-$ctl node set-power-limit sim-node-1 0 200
-sleep 4
-gpu0 "after 4 s"
-sleep 4
-gpu0 "after 8 s"
+step "Apply the executor catalogs (CPU engines and tools, simulated GPU executors) and the workflows"
+$ctl catalog apply examples/catalog/cpu.yaml
+$ctl catalog apply examples/catalog/sim.yaml
+$ctl workflow apply examples/workflows/rag-qa.yaml
+$ctl workflow apply examples/workflows/video-qa.yaml
+$ctl catalog list
+$ctl workflow list
 
-step "A limit outside the GPU's range is refused with the range"
-$ctl node set-power-limit sim-node-1 0 5000 || true
+step "Ask rag-qa a question about a small corpus (the first job waits for the vLLM engines to start)"
+$ctl run rag-qa --input question="Why does the clock speed drop when a GPU power cap is set?" \
+  --input corpus=@examples/data/rag-corpus.jsonl --wait --timeout-s 900
 
-step "Drain sim-node-2 for maintenance"
-$ctl node drain sim-node-2 --reason "replace fan"
-$ctl node show sim-node-1
+step "The same workflow at another SLO tier"
+$ctl run rag-qa --input question="What makes sourdough bread rise?" \
+  --input corpus=@examples/data/rag-corpus.jsonl --slo latency:best --wait --timeout-s 600
 
-step "Cluster status"
-$ctl status
-$ctl nodes
+step "Components the controller placed (real engines on cpu-node, simulated ones on the GPU nodes)"
+$ctl components
+
+step "Recent jobs"
+$ctl jobs

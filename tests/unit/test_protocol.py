@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from common.protocol import (
     MAX_FRAME_BYTES, PROTOCOL_VERSION, DeviceTelemetry, DrainNode, GetNode, Heartbeat, HostTelemetry, ProtocolError,
-    SetPowerLimit, build_dispatch, decode, encode, ops_served_by, registered_ops,
+    Invoke, SetPowerLimit, StartComponent, StopComponent, build_dispatch, decode, encode, ops_served_by, registered_ops,
 )
 from common.protocol.codec import message
 
@@ -124,7 +124,7 @@ def test_registry_rules_hold_at_import() -> None:
         assert spec.cls.op == spec.op
         if spec.kind == "request":
             assert spec.served_by is not None
-    assert ops_served_by("agent") == {"set_power_limit"}
+    assert ops_served_by("agent") == {"set_power_limit", "start_component", "stop_component", "invoke"}
 
 
 def test_dispatch_table_must_cover_exactly_the_endpoint() -> None:
@@ -132,8 +132,10 @@ def test_dispatch_table_must_cover_exactly_the_endpoint() -> None:
         build_dispatch("controller.admin", {GetNode: object()})
     with pytest.raises(TypeError, match="not a request served by"):
         build_dispatch("agent", {DrainNode: object(), SetPowerLimit: object()})
-    table = build_dispatch("agent", {SetPowerLimit: "handler"})
-    assert table == {"set_power_limit": "handler"}
+    with pytest.raises(TypeError, match="no handler for: invoke, start_component, stop_component"):
+        build_dispatch("agent", {SetPowerLimit: "handler"})
+    table = build_dispatch("agent", {SetPowerLimit: "a", StartComponent: "b", StopComponent: "c", Invoke: "d"})
+    assert table == {"set_power_limit": "a", "start_component": "b", "stop_component": "c", "invoke": "d"}
 
 
 def test_registering_an_op_twice_or_a_mutable_class_fails() -> None:
