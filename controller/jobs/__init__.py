@@ -1,0 +1,1 @@
+"""Job execution: the pure DAG executor the controller daemon feeds with events."""
