@@ -12,6 +12,8 @@ files into them with errors that point at file, line and field.
 
 from __future__ import annotations
 
+import difflib
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -30,9 +32,17 @@ class KnobSpec(_Strict):
 
     @model_validator(mode="after")
     def _default_allowed(self) -> "KnobSpec":
-        if self.default not in self.values:
-            raise ValueError(f"default {self.default!r} is not one of the allowed values {self.values}")
+        # Messages start with the field they concern ("FIELD: ..."), so the loader can point at its line.
+        repeated = [v for i, v in enumerate(self.values) if any(same_value(v, w) for w in self.values[:i])]
+        if repeated:
+            raise ValueError(f"values: {repeated[0]!r} is listed twice")
+        if not self.allows(self.default):
+            raise ValueError(f"default: {self.default!r} is not one of the allowed values {self.values}")
         return self
+
+    def allows(self, value: Any) -> bool:
+        """Is ``value`` one of the knob's values? Booleans never match numbers (``True != 1`` here)."""
+        return any(same_value(value, allowed) for allowed in self.values)
 
 
 class Resources(_Strict):
@@ -53,7 +63,7 @@ class QualityEntry(_Strict):
     @model_validator(mode="after")
     def _names_something(self) -> "QualityEntry":
         if self.workflow is None and self.benchmark is None:
-            raise ValueError("a quality entry names a workflow or a benchmark")
+            raise ValueError("workflow: a quality entry names a workflow or a benchmark")
         return self
 
 
@@ -102,10 +112,10 @@ class ExecutorSpec(_Strict):
     def _engine_section(self) -> "ExecutorSpec":
         sections = {"vllm": self.vllm, "tool": self.tool, "sim": self.sim}
         if sections[self.engine] is None:
-            raise ValueError(f"engine {self.engine!r} needs a {self.engine!r} section")
+            raise ValueError(f"{self.engine}: engine {self.engine!r} needs a {self.engine!r} section")
         others = [name for name, value in sections.items() if value is not None and name != self.engine]
         if others:
-            raise ValueError(f"engine {self.engine!r} does not take section(s) {others}")
+            raise ValueError(f"{others[0]}: engine {self.engine!r} does not take section(s) {others}")
         return self
 
     @property
@@ -124,3 +134,74 @@ class ExecutorSpec(_Strict):
             if exact:
                 return max(q.accuracy for q in exact)
         return max((q.accuracy for q in entries), default=None)
+
+
+# --- checks across fields and executors (the loader points each at its line) -------------
+
+MANAGED_VLLM_FLAGS = ("--model", "--host", "--port", "--served-model-name", "--runner")
+_KNOB_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Knob value equality that keeps booleans apart from numbers."""
+    return isinstance(a, bool) == isinstance(b, bool) and a == b
+
+
+def executor_issues(spec: ExecutorSpec) -> list[tuple[str, str]]:
+    """Problems pydantic's field checks cannot see, as (field path within the executor, message)."""
+    from common.workflow.tasks import TASKS, task_names  # local: tasks imports nothing from here
+
+    issues: list[tuple[str, str]] = []
+    if spec.task not in TASKS:
+        close = difflib.get_close_matches(spec.task, task_names(), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        issues.append(("task", f"unknown task {spec.task!r} (known tasks: {', '.join(task_names())}){hint}"))
+    for name in spec.knobs:
+        if not _KNOB_NAME.match(name):
+            issues.append((f"knobs.{name}", f"{name!r} is not a knob name (lowercase letters, digits and '_', "
+                                            "starting with a letter)"))
+    seen: dict[tuple[Any, ...], int] = {}
+    for i, entry in enumerate(spec.quality):
+        for knob, value in entry.knobs.items():
+            where = f"quality[{i}].knobs.{knob}"
+            if knob not in spec.knobs:
+                issues.append((where, f"names knob {knob!r}, which executor {spec.name!r} does not have "
+                                      f"(knobs: {', '.join(spec.knobs) or 'none'})"))
+            elif not spec.knobs[knob].allows(value):
+                issues.append((where, f"{value!r} is not one of knob {knob!r}'s values {spec.knobs[knob].values}"))
+        key = (entry.workflow, entry.benchmark, tuple(sorted((k, repr(v)) for k, v in entry.knobs.items())))
+        if key in seen:
+            issues.append((f"quality[{i}]", f"repeats quality[{seen[key]}] (same workflow, benchmark and knobs)"))
+        seen.setdefault(key, i)
+    if spec.sim is not None:
+        for knob, factors in spec.sim.knob_latency_factors.items():
+            where = f"sim.knob_latency_factors.{knob}"
+            if knob not in spec.knobs:
+                issues.append((where, f"names knob {knob!r}, which executor {spec.name!r} does not have "
+                                      f"(knobs: {', '.join(spec.knobs) or 'none'})"))
+                continue
+            allowed = [str(v) for v in spec.knobs[knob].values]
+            for text in factors:
+                if text not in allowed:
+                    issues.append((f"{where}.{text}", f"{text!r} is not one of knob {knob!r}'s values "
+                                                      f"(as text: {', '.join(allowed)})"))
+    if spec.vllm is not None:
+        for i, arg in enumerate(spec.vllm.args):
+            flag = arg.split("=", 1)[0]
+            if flag in MANAGED_VLLM_FLAGS:
+                issues.append((f"vllm.args[{i}]", f"{flag} is set by the agent (from vllm.model, vllm.runner, "
+                                                  "vllm.served_model_name and the port it assigns); remove it"))
+        pooling = spec.task == "embed"
+        if spec.task in TASKS and (spec.vllm.runner == "pooling") != pooling:
+            want = "pooling" if pooling else "generate"
+            issues.append(("vllm.runner", f"task {spec.task} needs runner {want!r}, got {spec.vllm.runner!r}"))
+    res = spec.resources
+    if res.device == "gpu" and spec.engine != "tool" and res.gpu_memory_bytes == 0 \
+            and (spec.sim is None or spec.sim.memory_bytes == 0):
+        issues.append(("resources.gpu_memory_bytes", "a GPU executor needs its GPU memory per instance (> 0) so "
+                                                     "placement can fit it"))
+    if res.device == "cpu" and (res.gpu_memory_bytes or res.gpu_models):
+        field = "resources.gpu_memory_bytes" if res.gpu_memory_bytes else "resources.gpu_models"
+        issues.append((field, "GPU settings need resources.device: gpu"))
+    return issues
+
