@@ -71,7 +71,8 @@ class WorkloadService:
             invocation_timeout_s=config.invocation_timeout_s, max_attempts=config.max_attempts,
             queue_timeout_s=config.queue_timeout_s, job_timeout_s=config.job_timeout_s))
         self.reconciler = rc.Reconciler(rc.ReconcilerConfig(command_timeout_s=config.command_timeout_s,
-                                                            drain_timeout_s=config.drain_timeout_s))
+                                                            drain_timeout_s=config.drain_timeout_s),
+                                        command_prefix=f"e{controller.epoch}-")  # unique across restarts
         self.plan = Plan(choices={}, components=())
         self.demands: dict[Demand, float] = {}  # demand -> last time a job asked for it (monotonic s)
         self.reports: dict[str, tuple[ComponentReport, ...]] = {}
@@ -96,7 +97,10 @@ class WorkloadService:
             except ValidationError as exc:
                 log.error("stored executor %s v%d no longer validates; ignored: %s", name, version, exc)
         for stored in self.store.load_workflows():
-            self.workflows[stored.name] = (stored, WorkflowSpec.from_dict(stored.spec))
+            try:
+                self.workflows[stored.name] = (stored, WorkflowSpec.from_dict(stored.spec, source=stored.source))
+            except SpecError as exc:
+                log.error("stored workflow %s v%d no longer validates; ignored: %s", stored.name, stored.version, exc)
         now = self.c.clock()
         for name in self.workflows:
             self.demands[Demand(name)] = now
@@ -105,9 +109,14 @@ class WorkloadService:
             self._job_demands[job.job_id] = Demand.of(job.workflow, job.slo)
             restored = self.store.stage_outputs(job.job_id)
             choices = {stage: StageChoice(c["executor"], dict(c["knobs"])) for stage, c in job.choices.items()}
+            try:
+                spec = WorkflowSpec.from_dict(job.spec, source=f"job {job.job_id}")
+            except SpecError as exc:
+                self._finish_job(job.job_id, "failed", f"cannot resume after a controller restart: {exc}", None)
+                continue
             log.info("resuming job %s (%s) with %d completed stages", job.job_id, job.workflow, len(restored))
-            self.perform(self.executor.handle(jx.JobSubmitted(
-                job.job_id, WorkflowSpec.from_dict(job.spec), job.inputs, choices, now, restored=restored)))
+            self.perform(self.executor.handle(jx.JobSubmitted(job.job_id, spec, job.inputs, choices, now,
+                                                              restored=restored)))
 
     # --- the clock and the heartbeats ------------------------------------------------------
 
@@ -239,8 +248,9 @@ class WorkloadService:
     def _dispatch(self, d: "jx.Dispatch") -> None:
         placed = next((p for p in self.plan.components if p.component_id == d.component_id), None)
         spec = self.catalog.get(d.executor)
+        devices = tuple(d.device_indexes) or (placed.device_indexes if placed else ())
         row = InvocationRow(d.invocation_id, d.job_id, d.stage, d.item, d.attempt, d.executor, dict(d.knobs), d.node,
-                            d.component_id, placed.device_indexes if placed else (), "running", "", time.time(),
+                            d.component_id, devices, "running", "", time.time(),
                             None, None, None, spec is not None and spec.engine == "sim")
         self.store.save_invocation(row)
         self._dispatched[d.invocation_id] = row
