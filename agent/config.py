@@ -30,6 +30,20 @@ class AgentSettings(BaseModel):
     metrics_port: int = Field(9401, ge=0, le=65535, description="0 lets the OS pick a free port")
     log_level: str = "INFO"
     labels: dict[str, str] = Field(default_factory=dict)
+    model_dir: Path | None = Field(None, description="expands {model_dir} in catalog model paths; "
+                                                     "default <state_dir>/models")
+    engine_python: str = Field("", description="interpreter for engine subprocesses (vLLM servers, subprocess "
+                                               "tools); empty means the agent's own")
+    component_log_bytes: int = Field(64 * 1024 * 1024, ge=4096, description="a component's engine.log is "
+                                     "rotated to engine.log.1 when it is past this size at a (re)start")
+    shutdown_drain_s: float = Field(5.0, ge=0, le=600, description="on agent shutdown, how long components may "
+                                    "finish in-flight invocations before their engines are stopped")
+
+    @model_validator(mode="after")
+    def _default_model_dir(self) -> "AgentSettings":
+        if self.model_dir is None:
+            self.model_dir = self.state_dir / "models"
+        return self
 
 
 class DevicesSettings(BaseModel):

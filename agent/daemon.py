@@ -1,7 +1,9 @@
 """The node agent: registers with the controller, samples its devices, heartbeats, obeys commands.
 
 A thin asyncio shell. The decisions that matter (is this command stale? which
-result did a repeated command get?) live in CommandGate, a pure class.
+result did a repeated command get?) live in CommandGate, a pure class; components
+(engines, their lifecycles, invocations and their energy) live in
+``agent.components.runtime.ComponentManager``.
 """
 
 from __future__ import annotations
@@ -18,17 +20,20 @@ from typing import Any
 
 import zmq
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from pydantic import ValidationError
 
+from agent.components.runtime import ComponentManager, ManagerConfig
 from agent.config import AgentSettings
 from agent.devices.base import Device, DeviceError
 from agent.host import HostSampler, host_info
 from common import __version__
 from common.metrics import DeviceCollector, serve_metrics
 from common.protocol import (
-    CommandResult, DeviceTelemetry, ErrorReply, Heartbeat, HeartbeatAck, Register, RegisterAccepted,
-    ReregisterRequired, SetPowerLimit, build_dispatch,
+    CommandResult, DeviceTelemetry, ErrorReply, Heartbeat, HeartbeatAck, InvocationResult, Invoke, Register,
+    RegisterAccepted, ReregisterRequired, SetPowerLimit, StartComponent, StopComponent, build_dispatch,
 )
 from common.transport import RemoteError, RequestTimeout, RpcEndpoint, backoff_delays, configure_socket
+from common.workflow.catalog import ExecutorSpec
 
 log = logging.getLogger("murakkab.agent")
 
@@ -87,6 +92,11 @@ class AgentMetrics:
                                        ["endpoint", "code"], registry=registry)
         self.commands = Counter("murakkab_agent_commands", "Commands received, by outcome.", ["op", "result"],
                                 registry=registry)
+        self.invocations = Counter("murakkab_agent_invocations", "Invocations answered, by error code (ok: none).",
+                                   ["result"], registry=registry)
+        self.component_transitions = Counter("murakkab_agent_component_transitions",
+                                             "Component lifecycle transitions, by new state.", ["to"],
+                                             registry=registry)
         self.heartbeat_rtt = Histogram(
             "murakkab_agent_heartbeat_rtt_seconds", "Heartbeat send to acknowledgement.",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5), registry=registry)
@@ -117,6 +127,13 @@ class Agent:
         self.endpoint: RpcEndpoint | None = None
         self.tick_hooks: list[Callable[[float], None]] = []  # e.g. a sim fault schedule
         self.heartbeat_rtt_observers: list[Callable[[float], None]] = [self.metrics.heartbeat_rtt.observe]
+        self.components = ComponentManager(
+            ManagerConfig(state_dir=Path(settings.state_dir), model_dir=Path(settings.model_dir or
+                                                                             Path(settings.state_dir) / "models"),
+                          engine_python=settings.engine_python, log_bytes=settings.component_log_bytes),
+            self.devices, read_energy=self._read_energy, clock=clock)
+        self.components.transition_observers.append(
+            lambda t: self.metrics.component_transitions.labels(t.new).inc())
         self.sample_devices()
 
     # --- devices -----------------------------------------------------------------------
@@ -127,9 +144,21 @@ class Agent:
             hook(now)
         for index, device in self.devices.items():
             try:
-                self.latest[index] = device.sample(now)
+                self.latest[index] = sample = device.sample(now)
             except DeviceError as exc:
                 log.warning("device %d: sampling failed: %s", index, exc)
+            else:
+                self.components.observe_sample(index, sample.energy_j)
+
+    def _read_energy(self, index: int) -> float | None:
+        """Sample one device now (an invocation starts or ends on it); its energy counter, or None."""
+        try:
+            sample = self.devices[index].sample(self.clock())
+        except DeviceError as exc:
+            log.warning("device %d: sampling failed: %s", index, exc)
+            return None
+        self.latest[index] = sample
+        return sample.energy_j
 
     async def _sample_loop(self) -> None:
         interval = self.settings.sample_interval_s
@@ -148,10 +177,12 @@ class Agent:
         sock.connect(self.settings.controller)
         self.endpoint = RpcEndpoint(
             sock, router=False, name=f"agent {self.settings.node_name}",
-            dispatch=build_dispatch("agent", {SetPowerLimit: self.on_set_power_limit}),
+            dispatch=build_dispatch("agent", {
+                SetPowerLimit: self.on_set_power_limit, StartComponent: self.on_start_component,
+                StopComponent: self.on_stop_component, Invoke: self.on_invoke}),
             on_rejected=lambda code: self.metrics.frames_rejected.labels("controller", code).inc())
         tasks = [asyncio.create_task(self.endpoint.serve()), asyncio.create_task(self._sample_loop()),
-                 asyncio.create_task(self._link_loop())]
+                 asyncio.create_task(self._link_loop()), asyncio.create_task(self.components.run())]
         if stop is not None:
             tasks.append(asyncio.create_task(stop.wait()))
         try:
@@ -160,6 +191,10 @@ class Agent:
                 if not task.cancelled() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
         finally:
+            try:  # components first, while the endpoint still answers the invocations they finish
+                await self.components.shutdown(self.settings.shutdown_drain_s)
+            except Exception:
+                log.exception("stopping components failed")
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -210,7 +245,8 @@ class Agent:
             message = Heartbeat(
                 node_name=self.settings.node_name, generation=self.generation, seq=self.seq,
                 sent_at_unix_s=time.time(), devices=tuple(self.latest[i] for i in sorted(self.latest)),
-                host=self.host_sampler.sample())
+                host=self.host_sampler.sample(), running_components=self.components.running_count(),
+                components=tuple(self.components.reports()))
             sent = time.perf_counter()
             try:
                 reply = await self.endpoint.request(message, timeout_s=self.settings.request_timeout_s)
@@ -270,6 +306,69 @@ class Agent:
         self.sample_devices()
         return result
 
+    def _admit(self, op: str, command_id: str, epoch: int, generation: int) -> ErrorReply | CommandResult | None:
+        """A refusal or the remembered result of a repeated command; None when the command should run."""
+        refusal = self.gate.refusal(command_id, epoch, generation)
+        if refusal is not None:
+            self.metrics.commands.labels(op, refusal.code).inc()
+            log.warning("refused command: %s", refusal.message)
+            return refusal
+        return self.gate.previous_result(command_id)
+
+    def _done(self, op: str, result: CommandResult) -> CommandResult:
+        self.metrics.commands.labels(op, "ok" if result.ok else "failed").inc()
+        if not result.ok:
+            log.warning("%s %s refused: %s", op, result.command_id, result.message)
+        self.gate.remember(result)
+        return result
+
+    def on_start_component(self, peer: bytes, msg: StartComponent) -> Any:
+        answer = self._admit("start_component", msg.command_id, msg.controller_epoch, msg.node_generation)
+        if answer is not None:
+            return answer
+        try:
+            executor = ExecutorSpec.model_validate(msg.executor)
+        except ValidationError as exc:
+            return self._done("start_component", CommandResult(
+                msg.command_id, False, f"component {msg.component_id}: invalid executor spec: "
+                                       f"{validation_summary(exc)}"))
+        ok, text = self.components.start(msg.component_id, executor, tuple(msg.device_indexes))
+        return self._done("start_component", CommandResult(msg.command_id, ok, text))
+
+    def on_stop_component(self, peer: bytes, msg: StopComponent) -> Any:
+        answer = self._admit("stop_component", msg.command_id, msg.controller_epoch, msg.node_generation)
+        if answer is not None:
+            return answer
+        if not msg.drain_timeout_s >= 0:
+            return self._done("stop_component", CommandResult(
+                msg.command_id, False, f"drain_timeout_s must be >= 0, got {msg.drain_timeout_s:g}"))
+        ok, text = self.components.stop(msg.component_id, msg.drain_timeout_s)
+        return self._done("stop_component", CommandResult(msg.command_id, ok, text))
+
+    async def on_invoke(self, peer: bytes, msg: Invoke) -> InvocationResult:
+        if msg.controller_epoch != self.gate.epoch:
+            now_unix = time.time()
+            self.metrics.invocations.labels("stale_command").inc()
+            registered = "no controller" if self.gate.epoch is None else f"controller epoch {self.gate.epoch}"
+            return InvocationResult(
+                invocation_id=msg.invocation_id, ok=False, outputs={}, error_code="stale_command",
+                error=f"invocation {msg.invocation_id} carries controller epoch {msg.controller_epoch}; this agent "
+                      f"is registered with {registered}", retryable=False, started_at_unix_s=now_unix,
+                ended_at_unix_s=now_unix, latency_s=0.0, energy_j=None, device_indexes=(), simulated=False)
+        result = await self.components.invoke(msg)
+        self.metrics.invocations.labels(result.error_code or "ok").inc()
+        return result
+
     def _device_rows(self):  # type: ignore[no-untyped-def]
         for index, sample in list(self.latest.items()):
             yield self.settings.node_name, self.devices[index].info, sample
+
+
+def validation_summary(exc: ValidationError, limit: int = 5) -> str:
+    """Pydantic's errors as one line: ``where: what`` for the first few."""
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False)[:limit]:
+        where = ".".join(str(p) for p in err["loc"]) or "spec"
+        parts.append(f"{where}: {err['msg']}")
+    more = exc.error_count() - limit
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
