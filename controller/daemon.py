@@ -193,8 +193,7 @@ class Controller:
         else:
             self._heartbeats_ok.inc()
             reply = HeartbeatAck(self.epoch, answer.state if answer else "unknown")
-            if msg.components or msg.node_name in self.workloads.reports:
-                self.workloads.on_heartbeat(msg.node_name, msg.components, self.clock())
+            self.workloads.on_heartbeat(msg.node_name, msg.components, self.clock())
         self.metrics.heartbeat_handling.observe(time.perf_counter() - started)
         return reply
 

@@ -38,7 +38,8 @@ all demands and stages that chose it. Only schedulable nodes are used, in name o
   ``gpu_models`` entries match a device model case-insensitively as a substring
   ("H100" matches "H100 (simulated)"). ``vllm`` with device gpu: the same on real GPUs.
 - ``vllm`` with device cpu: a node with a device of kind cpu (its index is the component's
-  device); ``sim`` with device cpu: host cores only (and the node's cpu device, if any).
+  device); ``sim`` with device cpu and ``tool``: host cores only, and the node's cpu device
+  if it has one, so the invocation's energy is attributed from that device's counter.
 - CPU cores: ``tool`` components count a quarter of their ``cpu_cores`` against the node's
   cores (oversubscription factor 4: tools mostly wait between invocations); vLLM and sim
   components on cpu count in full; GPU components do not count. Host memory
@@ -266,7 +267,7 @@ def _fit(need: _Need, node: NodeSnapshot, ledger: _Ledger) -> tuple[int, ...] | 
     cpu_devices = [d.index for d in devices if d.kind == "cpu"]
     if need.placement == "cpu-device":
         return (cpu_devices[0],) if cpu_devices else "no cpu device"
-    return tuple(cpu_devices[:1]) if need.placement == "sim-cpu" else ()
+    return tuple(cpu_devices[:1])  # sim on cpu and tools: the node's cpu device, if any, for energy accounting
 
 
 def _fits_at(need: _Need, node: NodeSnapshot, devices: tuple[int, ...], ledger: _Ledger) -> bool:

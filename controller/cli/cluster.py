@@ -142,7 +142,7 @@ def cluster_up(args: argparse.Namespace, console: Console) -> int:
                           30.0, "the controller to bind", started, state_dir)
     agents: list[tuple[str, dict[str, Any]]] = []
     for i in range(1, args.sim_nodes + 1):
-        agents.append((f"sim-node-{i}", {"backend": "sim", "include_cpu": False, "sim": {
+        agents.append((f"sim-node-{i}", {"backend": "sim", "include_cpu": True, "sim": {
             "model": args.gpu_model, "count": args.gpus_per_node, "seed": args.seed * 1000 + i,
             "utilization": args.sim_utilization}}))
     if args.cpu_node:

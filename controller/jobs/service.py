@@ -77,6 +77,8 @@ class WorkloadService:
         self.demands: dict[Demand, float] = {}  # demand -> last time a job asked for it (monotonic s)
         self.reports: dict[str, tuple[ComponentReport, ...]] = {}
         self._ready_key: tuple[Any, ...] = ()
+        self._ready_by_node: dict[str, tuple[jx.ReadyComponent, ...]] = {}
+        self._desired_by_id: dict[str, Any] = {}
         self._nodes_key: tuple[Any, ...] = ()
         self._replan_at_s = 0.0
         self._replan_needed = True
@@ -142,24 +144,29 @@ class WorkloadService:
     def _node_report(self, node_name: str, ready: bool, reports: tuple[ComponentReport, ...], now_s: float) -> None:
         self.reports[node_name] = reports if ready else ()
         self.perform(self.reconciler.handle(rc.NodeReport(node_name, ready, reports, now_s)))
-        self._update_ready_components(now_s)
+        node_ready = self._ready_on(node_name)
+        if node_ready != self._ready_by_node.get(node_name, ()):
+            self._ready_by_node[node_name] = node_ready
+            self._publish_ready_components(now_s)
 
-    def _update_ready_components(self, now_s: float) -> None:
-        desired = {p.component_id: p for p in self.plan.components}
-        ready: list[jx.ReadyComponent] = []
-        for node_name, reports in self.reports.items():
-            for report in reports:
-                placed = desired.get(report.component_id)
-                spec = self.catalog.get(report.executor)
-                if report.state != "ready" or placed is None or placed.node != node_name or spec is None:
-                    continue
+    def _ready_on(self, node_name: str) -> tuple[jx.ReadyComponent, ...]:
+        """The components on one node that may take invocations: reported ready and placed there by the plan."""
+        desired = self._desired_by_id
+        ready = []
+        for report in self.reports.get(node_name, ()):
+            placed = desired.get(report.component_id)
+            spec = self.catalog.get(report.executor)
+            if report.state == "ready" and placed is not None and placed.node == node_name and spec is not None:
                 ready.append(jx.ReadyComponent(report.component_id, node_name, report.executor,
                                                spec.max_concurrency, tuple(report.device_indexes)))
-        ready.sort(key=lambda r: r.component_id)
-        key = tuple(ready)
-        if key != self._ready_key:
-            self._ready_key = key
-            self.perform(self.executor.handle(jx.ComponentsChanged(key, now_s)))
+        return tuple(sorted(ready, key=lambda r: r.component_id))
+
+    def _publish_ready_components(self, now_s: float) -> None:
+        components = tuple(sorted((c for group in self._ready_by_node.values() for c in group),
+                                  key=lambda r: r.component_id))
+        if components != self._ready_key:
+            self._ready_key = components
+            self.perform(self.executor.handle(jx.ComponentsChanged(components, now_s)))
 
     # --- planning --------------------------------------------------------------------------
 
@@ -193,8 +200,10 @@ class WorkloadService:
                 log.warning("plan: %s", note)
             log.info("plan: %d components for %d demands", len(plan.components), len(plan.choices))
         self.plan = plan
+        self._desired_by_id = {p.component_id: p for p in plan.components}
         self.perform(self.reconciler.handle(rc.DesiredChanged(plan.components, now_s)))
-        self._update_ready_components(now_s)
+        self._ready_by_node = {name: self._ready_on(name) for name in self.reports}
+        self._publish_ready_components(now_s)
         return plan
 
     # --- performing actions ----------------------------------------------------------------

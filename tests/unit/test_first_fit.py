@@ -241,7 +241,7 @@ def test_engines_go_to_the_devices_they_need() -> None:
     result = plan({"wf": wf}, cat, [demand()], nodes)
     placed = {c.executor: (c.node, c.device_indexes) for c in result.components}
     assert placed == {"sim-chat": ("c-sim", (0,)), "real-embed": ("b-real", (0,)),
-                      "cpu-chat": ("a-cpu", (0,)), "retrieve-tool": ("a-cpu", ())}
+                      "cpu-chat": ("a-cpu", (0,)), "retrieve-tool": ("a-cpu", (0,))}  # cpu device: energy
     assert result.unsatisfiable == {} and result.notes == ()
 
 
