@@ -209,6 +209,10 @@ class WorkloadService:
     # --- performing actions ----------------------------------------------------------------
 
     def perform(self, actions: Iterable[Any]) -> None:
+        actions = list(actions)
+        # Stage outputs are kept only so an unfinished job can resume after a restart; a job that
+        # ends in this same batch needs none (saves a write on every job's last stage).
+        finishing = {a.job_id for a in actions if isinstance(a, jx.JobFinished)}
         for action in actions:
             match action:
                 case jx.Dispatch():
@@ -223,7 +227,8 @@ class WorkloadService:
                 case jx.JobStarted(job_id=job_id):
                     self.store.mark_started(job_id, time.time())
                 case jx.StageCompleted(job_id=job_id, stage=stage, outputs=outputs):
-                    self.store.save_stage_outputs(job_id, stage, outputs)
+                    if job_id not in finishing:
+                        self.store.save_stage_outputs(job_id, stage, outputs)
                 case jx.JobFinished(job_id=job_id, state=state, reason=reason, outputs=outputs):
                     self._finish_job(job_id, state, reason, outputs)
                 case rc.SendStart() | rc.SendStop():

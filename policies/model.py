@@ -1,0 +1,134 @@
+"""Shared vocabulary of the profile-guided planner: hardware types, instance configurations,
+predicted performance, demand rates, and the optimizer's problem and solution.
+
+Pure, frozen data. The optimizer, the baselines, placement, the learned predictors and the
+cluster simulator all speak these types, so each can be replaced without touching the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from common.workflow.catalog import ExecutorSpec
+from policies.plan import Demand, StageChoice
+
+Objective = Literal["energy", "cost", "accuracy"]
+
+
+@dataclass(frozen=True)
+class HardwareType:
+    """One kind of device a fleet has, with what the planner needs to know about it."""
+
+    name: str  # "h100" | "a100" | "l4" | "cpu" ... (matches GpuSpec.key for GPUs)
+    kind: Literal["gpu", "cpu"]
+    memory_bytes: int  # per device
+    idle_power_w: float  # per device, nothing running
+    max_power_w: float  # per device, the maximum power limit (TDP); CPUs: package TDP
+    min_power_cap_w: float | None  # lowest settable power limit; None: not cappable
+    price_per_hour_usd: float  # per device (cloud list price or amortised cost; the scenario says which)
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    """How one component instance runs: executor on ``tp`` devices of a hardware type at a power cap."""
+
+    executor: str
+    hardware: str
+    tp: int = 1
+    power_cap_w: float | None = None  # per device; None = the device's default (uncapped)
+
+
+@dataclass(frozen=True)
+class Perf:
+    """Predicted behaviour of one instance serving one stage's requests at given knobs.
+
+    ``latency_s`` is the service time of one request (all of a mapped stage's items) at the
+    instance's operating point and ``concurrency``; ``capacity_rps`` the request rate one instance
+    sustains while keeping that latency; energy is per request, including the instance's share of
+    idle power at that load; power is per instance (all ``tp`` devices).
+    """
+
+    latency_s: float
+    capacity_rps: float
+    energy_j_per_request: float
+    busy_power_w: float
+    idle_power_w: float
+    memory_bytes_per_device: int
+    source: Literal["measured", "learned", "modeled"] = "modeled"
+
+
+class PerfModel(Protocol):
+    """Predicts how an executor performs on a configuration; None when it cannot run there."""
+
+    def perf(self, executor: ExecutorSpec, config: InstanceConfig, knobs: dict[str, Any],
+             items: float = 1.0) -> Perf | None: ...
+
+
+@dataclass(frozen=True)
+class DemandRate:
+    demand: Demand
+    rate_rps: float  # requests per second to plan for (a high percentile of the forecast)
+
+
+@dataclass(frozen=True)
+class SloTargets:
+    """How tiers translate into constraints.
+
+    Accuracy tiers keep options whose accuracy is within ``accuracy_slack[tier]`` (relative) of
+    the best option of that stage. Latency tiers bound the workflow's end-to-end latency by
+    ``latency_factor[tier]`` times the best achievable; requests with no latency tier get
+    ``default_latency_factor``.
+    """
+
+    accuracy_slack: dict[str, float] = field(default_factory=lambda: {"best": 0.0, "good": 0.05, "fair": 0.15,
+                                                                      "basic": 1.0})
+    latency_factor: dict[str, float] = field(default_factory=lambda: {"best": 1.25, "good": 2.0, "fair": 4.0,
+                                                                      "basic": 10.0})
+    default_latency_factor: float = 10.0
+
+
+@dataclass(frozen=True)
+class Budgets:
+    devices: dict[str, int]  # hardware type -> devices available to this plan
+    power_w: float | None = None  # cluster (or rack) power budget for the planned instances
+    cost_per_hour_usd: float | None = None
+
+
+@dataclass(frozen=True)
+class Problem:
+    workflows: dict[str, Any]  # name -> WorkflowSpec
+    catalog: dict[str, ExecutorSpec]
+    demands: tuple[DemandRate, ...]
+    hardware: dict[str, HardwareType]
+    budgets: Budgets
+    perf: PerfModel
+    power_cap_levels: dict[str, tuple[float | None, ...]] = field(default_factory=dict)  # hw -> caps to consider
+    objective: Objective = "energy"
+    slo: SloTargets = field(default_factory=SloTargets)
+    utilization_target: float = 0.8  # plan instances to run at most this busy
+    share_instances: bool = True  # one instance pool per configuration, shared by every demand using it
+    min_instances: int = 0  # keep at least this many of every chosen configuration (e.g. 1 for warm pools)
+
+
+@dataclass(frozen=True)
+class PredictedDemand:
+    latency_s: float
+    latency_target_s: float
+    energy_j_per_request: float
+    accuracy: float | None
+
+
+@dataclass(frozen=True)
+class Solution:
+    status: str  # "optimal" | "feasible" | "infeasible" | "error: ..."
+    choices: dict[Demand, dict[str, StageChoice]]
+    configs: dict[Demand, dict[str, InstanceConfig]]  # which instance pool serves each stage
+    instances: dict[InstanceConfig, int]
+    predicted: dict[Demand, PredictedDemand]
+    power_w: float
+    cost_per_hour_usd: float
+    objective_value: float
+    binding: tuple[str, ...]  # constraints at their limit, in words
+    solve_s: float
+    unserved: dict[Demand, str] = field(default_factory=dict)  # demands dropped, and why
