@@ -171,6 +171,12 @@ class Agent:
     # --- controller link ---------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
+        # Before registering: engines an earlier agent on this state dir left running (it was
+        # SIGKILLed or crashed) hold memory and ports the controller is about to hand out again.
+        try:
+            await asyncio.to_thread(self.components.reap_orphans)
+        except Exception:  # the agent must come up anyway; what could not be reaped is logged
+            log.exception("reaping orphaned engines failed")
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, self.settings.node_name.encode())
         configure_socket(sock, router=False)

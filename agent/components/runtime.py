@@ -15,7 +15,9 @@ task declares, encoded size under the frame limit).
 
 Each component has a directory ``<state_dir>/components/<component_id>/`` with its log
 ``engine.log`` (rotated once to ``engine.log.1`` at a (re)start past the size limit) and a
-``work`` directory for the engine.
+``work`` directory for the engine. While an engine process runs, ``engine.pid`` there
+records it (``agent.components.orphans``), so engines a killed agent left running can be
+reaped by the next agent start or by ``murakkabctl cluster down``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 
 import msgpack
 
+from agent.components import orphans
 from agent.components.energy import EnergyLedger
 from agent.components.engines.base import Engine, EngineContext, EngineError
 from agent.components.lifecycle import (
@@ -266,6 +269,8 @@ class ComponentManager:
     async def _launch(self, comp: _Component, attempt: int, previous_stop: asyncio.Task[Any] | None) -> None:
         if previous_stop is not None:
             await asyncio.gather(previous_stop, return_exceptions=True)  # the old engine is gone before a new one
+        if orphans.record_path(comp.directory).exists():  # an engine whose stop failed: its record would be lost
+            await asyncio.to_thread(orphans.reap_component, comp.directory)
         try:
             work_dir = comp.directory / "work"
             work_dir.mkdir(parents=True, exist_ok=True)
@@ -281,6 +286,7 @@ class ComponentManager:
             engine = self.engine_factory(ctx, clock=self.clock)
             comp.engine, comp.engine_attempt = engine, attempt
             await engine.start()
+            self._record_engine(comp, engine)
         except asyncio.CancelledError:
             raise
         except EngineError as exc:
@@ -315,8 +321,29 @@ class ComponentManager:
             except Exception as exc:
                 log.warning("component %s: stopping its engine failed: %s", comp.component_id, exc)
                 self._log_line(comp, f"stopping the engine failed: {type(exc).__name__}: {exc}")
+            if engine.pid is not None and engine.exit_code() is not None:  # reaped: nothing left to find
+                try:
+                    orphans.remove_record(comp.directory, engine.pid)
+                except OSError as exc:
+                    log.warning("component %s: cannot remove its engine record: %s", comp.component_id, exc)
         self.ports.release(comp.port)
         comp.port = None
+
+    def _record_engine(self, comp: _Component, engine: Engine) -> None:
+        """Write the engine.pid record of a freshly started engine process (engines without one have none)."""
+        pid = engine.pid
+        if pid is None:
+            return
+        try:
+            orphans.write_record(comp.directory, pid)
+        except OSError as exc:  # the engine runs regardless; only a crash of the agent would orphan it
+            log.warning("component %s: cannot record engine pid %d: %s", comp.component_id, pid, exc)
+            self._log_line(comp, f"cannot record engine pid {pid} in {orphans.record_path(comp.directory)}: {exc}")
+
+    def reap_orphans(self) -> list[orphans.Outcome]:
+        """Stop engines that an earlier agent on this state directory left running (it was killed)
+        and delete their records; blocks for up to a few seconds, so run it in a thread."""
+        return orphans.reap_components([Path(self.config.state_dir) / "components"])
 
     # --- watch loop --------------------------------------------------------------------
 

@@ -2,6 +2,9 @@
 
 A controller and N agents run as background processes, each in its own
 session so ``down`` can end a daemon together with anything it started.
+Engines (vLLM servers) run in sessions of their own, so ``down`` then also reaps
+those recorded under each agent's state directory (``agent.components.orphans``):
+an agent that was SIGKILLed, or did not finish stopping them, leaves nothing behind.
 Everything lives in the state directory: configs, pids, logs, databases.
 """
 
@@ -21,6 +24,7 @@ from typing import Any
 import tomli_w
 from rich.console import Console
 
+from agent.components.orphans import Outcome, reap_components
 from controller.cli.client import AdminClient, ClientError
 
 READY_TIMEOUT_S = 60.0
@@ -176,19 +180,35 @@ def cluster_up(args: argparse.Namespace, console: Console) -> int:
 def cluster_down(args: argparse.Namespace, console: Console) -> int:
     state_dir: Path = args.state_dir.resolve()
     pids = _pids(state_dir)
-    if not pids:
+    forced: list[str] = []
+    left: list[str] = []
+    if pids:
+        forced = _signal_and_wait(pids, list(pids), signal.SIGTERM)
+        left = _signal_and_wait(pids, forced, signal.SIGKILL)
+        for name in pids:
+            if name not in left:
+                (state_dir / "pids" / f"{name}.pid").unlink(missing_ok=True)
+    # After the daemons: a live agent would still be stopping its engines itself.
+    engines = _reap_engines(state_dir)  # records of engines already gone are just deleted
+    reaped = [o for o in engines if o.ok and o.verdict != "forget"]
+    problems = [f"{name} (pid {pids[name]})" for name in left] + [o.describe() for o in engines if not o.ok]
+    if not pids and not reaped and not problems:
         console.print(f"no cluster processes recorded in {state_dir}")
         return 0
-    forced = _signal_and_wait(pids, list(pids), signal.SIGTERM)
-    left = _signal_and_wait(pids, forced, signal.SIGKILL)
-    for name in pids:
-        if name not in left:
-            (state_dir / "pids" / f"{name}.pid").unlink(missing_ok=True)
-    if left:
-        raise ClientError(f"still running after SIGKILL: {', '.join(left)}")
-    note = f" ({len(forced)} needed SIGKILL: {', '.join(forced)})" if forced else ""
-    console.print(f"stopped {len(pids)} processes in {state_dir}{note}", highlight=False)
+    if pids:
+        note = f" ({len(forced)} needed SIGKILL: {', '.join(forced)})" if forced else ""
+        console.print(f"stopped {len(pids)} processes in {state_dir}{note}", highlight=False)
+    if reaped:
+        console.print(f"reaped {len(reaped)} orphaned engine(s): "
+                      + "; ".join(o.describe() for o in reaped), highlight=False)
+    if problems:
+        raise ClientError(f"still running after SIGKILL or not allowed to stop: {'; '.join(problems)}")
     return 0
+
+
+def _reap_engines(state_dir: Path) -> list[Outcome]:
+    """Stop the engines recorded under every agent's state dir (``cluster up`` puts them in agents/NAME)."""
+    return reap_components(sorted((state_dir / "agents").glob("*/components")), log_outcomes=False)
 
 
 def _signal_and_wait(pids: dict[str, int], names: list[str], sig: int) -> list[str]:

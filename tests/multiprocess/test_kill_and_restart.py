@@ -143,7 +143,7 @@ def test_cli_commands_against_a_local_cluster(cluster: tuple[Path, str]) -> None
     unknown = ctl(*base, "node", "show", "nope")
     assert unknown.returncode == 1 and "unknown_node" in unknown.stderr
     status = json.loads(ctl(*base, "status", "-o", "json").stdout)
-    assert status["nodes_by_state"] == {"ready": 2} and status["devices_total"] == 4
+    assert status["nodes_by_state"] == {"ready": 2} and status["devices_total"] == 6  # 2 nodes x (2 sim GPUs + the host CPU)
     env_status = subprocess.run([sys.executable, "-m", "controller.cli.main", "status"], capture_output=True,
                                 text=True, timeout=60, cwd=ROOT, env={**os.environ, "MURAKKAB_CONTROLLER": address})
     assert env_status.returncode == 0 and "epoch" in env_status.stdout
