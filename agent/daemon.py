@@ -359,7 +359,7 @@ class Agent:
             return InvocationResult(
                 invocation_id=msg.invocation_id, ok=False, outputs={}, error_code="stale_command",
                 error=f"invocation {msg.invocation_id} carries controller epoch {msg.controller_epoch}; this agent "
-                      f"is registered with {registered}", retryable=False, started_at_unix_s=now_unix,
+                      f"is registered with {registered}", retryable=True, started_at_unix_s=now_unix,
                 ended_at_unix_s=now_unix, latency_s=0.0, energy_j=None, device_indexes=(), simulated=False)
         result = await self.components.invoke(msg)
         self.metrics.invocations.labels(result.error_code or "ok").inc()

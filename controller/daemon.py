@@ -27,6 +27,7 @@ from common.transport import PeerUnreachable, RemoteError, RequestTimeout, RpcEn
 from controller.admin import AdminApi
 from controller.config import ControllerSettings
 from controller.jobs.service import WorkloadConfig, WorkloadService
+from controller.profiler import ProfilerService
 from controller.registry import (
     Accepted, Action, HeartbeatReceived, NodeRecord, NodeRegistered, NodeRegistry, PersistNode, RegistryConfig,
     Rejected, StateChanged, Tick,
@@ -76,7 +77,8 @@ class Controller:
         self.workloads = WorkloadService(self, WorkloadConfig(
             invocation_timeout_s=settings.invocation_timeout_s, max_attempts=settings.invocation_max_attempts,
             queue_timeout_s=settings.job_queue_timeout_s, job_timeout_s=settings.job_timeout_s,
-            command_timeout_s=settings.command_timeout_s))
+            command_timeout_s=settings.command_timeout_s, restart_grace_s=settings.lost_after_s))
+        self.profiler = ProfilerService(self)
 
     def to_unix(self, monotonic_s: float | None) -> float | None:
         return None if monotonic_s is None else monotonic_s + self.unix_offset_s
@@ -104,6 +106,7 @@ class Controller:
         self.metrics_port = (serve_metrics(self.metrics_registry, self.settings.metrics_host, self.settings.metrics_port)
                              if self.settings.metrics_enabled else None)
         self.workloads.load()
+        self.profiler.load()
         self._tasks = [asyncio.create_task(self.agents.serve()), asyncio.create_task(self.admin.serve()),
                        asyncio.create_task(self._tick_loop())]
         self._write_endpoints()
@@ -133,6 +136,7 @@ class Controller:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.profiler.close()
         await self.workloads.close()
         for endpoint in (self.agents, self.admin):
             if endpoint is not None:
@@ -177,6 +181,7 @@ class Controller:
         if isinstance(answer, Rejected):
             return ErrorReply(answer.code, answer.message)
         assert answer is not None
+        self.profiler.note_register(msg.node_name, msg.agent_version)
         return RegisterAccepted(self.epoch, self.settings.heartbeat_interval_s, answer.state)
 
     def on_heartbeat(self, peer: bytes, msg: Heartbeat) -> Any:
@@ -193,7 +198,8 @@ class Controller:
         else:
             self._heartbeats_ok.inc()
             reply = HeartbeatAck(self.epoch, answer.state if answer else "unknown")
-            self.workloads.on_heartbeat(msg.node_name, msg.components, self.clock())
+            components = self.profiler.claim(msg.node_name, msg.components)  # a profile run's own component
+            self.workloads.on_heartbeat(msg.node_name, components, self.clock())
         self.metrics.heartbeat_handling.observe(time.perf_counter() - started)
         return reply
 

@@ -35,7 +35,9 @@ from controller.jobs.store import InvocationRow, StoredJob, StoredWorkflow, Work
 from controller import reconciler as rc
 from controller.registry import Liveness, NodeRecord
 from policies import first_fit
-from policies.plan import SLO_DIMENSIONS, SLO_TIERS, Demand, DeviceSlot, NodeSnapshot, Plan, StageChoice
+from policies.plan import (
+    SLO_DIMENSIONS, SLO_TIERS, Demand, DeviceSlot, NodeSnapshot, PlacedComponent, Plan, StageChoice,
+)
 
 if TYPE_CHECKING:
     from controller.daemon import Controller
@@ -57,6 +59,7 @@ class WorkloadConfig:
     replan_interval_s: float = 30.0
     command_timeout_s: float = 10.0
     drain_timeout_s: float = 30.0
+    restart_grace_s: float = 30.0  # after a restart, how long to wait for known nodes before planning without them
 
 
 class WorkloadService:
@@ -87,6 +90,7 @@ class WorkloadService:
         self._commands: dict[str, asyncio.Task[None]] = {}
         self._dispatched: dict[str, InvocationRow] = {}
         self._job_demands: dict[str, Demand] = {}  # unfinished job -> its demand (keeps its components planned)
+        self._grace_until_s: float | None = None
 
     # --- start-up --------------------------------------------------------------------------
 
@@ -104,6 +108,8 @@ class WorkloadService:
             except SpecError as exc:
                 log.error("stored workflow %s v%d no longer validates; ignored: %s", stored.name, stored.version, exc)
         now = self.c.clock()
+        if self.c.registry.nodes:  # a restart: give the known nodes time to report what they run
+            self._grace_until_s = now + self.config.restart_grace_s
         for name in self.workflows:
             self.demands[Demand(name)] = now
         for job in self.store.unfinished_jobs():
@@ -131,6 +137,9 @@ class WorkloadService:
             for node in self.c.registry.nodes.values():
                 if node.liveness is not Liveness.READY:
                     self._node_report(node.name, False, self.reports.get(node.name, ()), now_s)
+        if self.in_restart_grace(now_s):
+            self.perform(self.executor.handle(jx.Tick(now_s)))
+            return
         if self._replan_needed or now_s >= self._replan_at_s:
             self.replan(now_s)
         self.perform(self.reconciler.handle(rc.Tick(now_s)))
@@ -141,8 +150,32 @@ class WorkloadService:
         ready = node is not None and node.liveness is Liveness.READY
         self._node_report(node_name, ready, reports, now_s)
 
+    def in_restart_grace(self, now_s: float) -> bool:
+        """After a controller restart, wait for the known nodes to come back before reconciling.
+
+        Until they have re-registered (or the grace period ends), what they run is unknown: a plan
+        made now would stop and restart every running engine, or move it to whichever node
+        registered first.
+        """
+        if self._grace_until_s is None:
+            return False
+        waiting = [n for n in self.c.registry.nodes.values() if n.liveness is Liveness.JOINING]  # no heartbeat yet
+        if waiting and now_s < self._grace_until_s:
+            return True
+        self._grace_until_s = None
+        # The first plan adopts what the nodes reported during the grace period; only then does the
+        # reconciler hear those reports, so nothing that should keep running is stopped.
+        self.replan(now_s)
+        for node_name, reports in list(self.reports.items()):
+            node = self.c.registry.nodes.get(node_name)
+            ready = node is not None and node.liveness is Liveness.READY
+            self.perform(self.reconciler.handle(rc.NodeReport(node_name, ready, reports, now_s)))
+        return False
+
     def _node_report(self, node_name: str, ready: bool, reports: tuple[ComponentReport, ...], now_s: float) -> None:
         self.reports[node_name] = reports if ready else ()
+        if self.in_restart_grace(now_s):
+            return  # the reconciler hears about the node after the first plan, which adopts what it runs
         self.perform(self.reconciler.handle(rc.NodeReport(node_name, ready, reports, now_s)))
         node_ready = self._ready_on(node_name)
         if node_ready != self._ready_by_node.get(node_name, ()):
@@ -150,15 +183,22 @@ class WorkloadService:
             self._publish_ready_components(now_s)
 
     def _ready_on(self, node_name: str) -> tuple[jx.ReadyComponent, ...]:
-        """The components on one node that may take invocations: reported ready and placed there by the plan."""
+        """The components on one node the job executor may know about.
+
+        Reported ready and placed there by the plan: they take new invocations. Still serving but
+        no longer wanted (draining, or dropped from the plan): capacity 0, so what runs there
+        finishes instead of being abandoned and retried elsewhere.
+        """
         desired = self._desired_by_id
         ready = []
         for report in self.reports.get(node_name, ()):
             placed = desired.get(report.component_id)
             spec = self.catalog.get(report.executor)
-            if report.state == "ready" and placed is not None and placed.node == node_name and spec is not None:
-                ready.append(jx.ReadyComponent(report.component_id, node_name, report.executor,
-                                               spec.max_concurrency, tuple(report.device_indexes)))
+            if spec is None or report.state not in ("ready", "draining"):
+                continue
+            wanted = report.state == "ready" and placed is not None and placed.node == node_name
+            ready.append(jx.ReadyComponent(report.component_id, node_name, report.executor,
+                                           spec.max_concurrency if wanted else 0, tuple(report.device_indexes)))
         return tuple(sorted(ready, key=lambda r: r.component_id))
 
     def _publish_ready_components(self, now_s: float) -> None:
@@ -189,12 +229,22 @@ class WorkloadService:
                                           host.memory_total_bytes if host else 0, dict(node.labels)))
         return snapshots
 
+    def _current_components(self) -> tuple[PlacedComponent, ...]:
+        """The plan's components plus any running ones agents report that it does not know (e.g. after a
+        controller restart), so placement keeps them where they are instead of starting them again."""
+        known = {p.component_id for p in self.plan.components}
+        adopted = [PlacedComponent(r.component_id, r.executor, node, tuple(r.device_indexes))
+                   for node, reports in sorted(self.reports.items()) for r in reports
+                   if r.component_id not in known and r.executor in self.catalog
+                   and r.state in ("pending", "starting", "ready")]
+        return (*self.plan.components, *adopted)
+
     def replan(self, now_s: float) -> Plan:
         self._replan_needed = False
         self._replan_at_s = now_s + self.config.replan_interval_s
         workflows = {name: spec for name, (_, spec) in self.workflows.items()}
         plan = first_fit.plan(workflows, self.catalog, sorted(self.demands, key=repr), self.node_snapshots(),
-                              self.plan.components)
+                              self._current_components())
         if plan.components != self.plan.components or plan.notes != self.plan.notes:
             for note in plan.notes:
                 log.warning("plan: %s", note)
@@ -213,6 +263,7 @@ class WorkloadService:
         # Stage outputs are kept only so an unfinished job can resume after a restart; a job that
         # ends in this same batch needs none (saves a write on every job's last stage).
         finishing = {a.job_id for a in actions if isinstance(a, jx.JobFinished)}
+        cancelled = {a.job_id for a in actions if isinstance(a, jx.JobFinished) and a.state == "cancelled"}
         for action in actions:
             match action:
                 case jx.Dispatch():
@@ -223,7 +274,7 @@ class WorkloadService:
                         task.cancel()
                     row = self._dispatched.pop(invocation_id, None)
                     if row is not None:
-                        self._save_row(row, "failed", reason)
+                        self._save_row(row, "cancelled" if row.job_id in cancelled else "failed", reason)
                 case jx.JobStarted(job_id=job_id):
                     self.store.mark_started(job_id, time.time())
                 case jx.StageCompleted(job_id=job_id, stage=stage, outputs=outputs):
@@ -451,6 +502,9 @@ class WorkloadService:
             reason = self.plan.unsatisfiable.get(demand, "the planner found no executors for it")
             if demand.slo:
                 del self.demands[demand]
+            if self.in_restart_grace(now) or not any(n.schedulable() for n in self.c.registry.nodes.values()):
+                return ErrorReply("unavailable", f"no node can take work right now ({reason}); the controller "
+                                                 "restarted recently or every node is unhealthy: retry shortly")
             return ErrorReply("unsatisfiable", f"workflow {msg.workflow} at SLO {dict(msg.slo) or 'default'} cannot "
                                                f"be served: {reason}")
         self.demands[demand] = now

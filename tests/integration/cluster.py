@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import zmq
 
@@ -31,6 +32,19 @@ class InProcessCluster:
     def admin_address(self) -> str:
         return self.controller.admin_endpoint
 
+    async def restart_controller(self) -> Controller:
+        """Stop the controller and start a new one on the same state directory and addresses.
+
+        The agents keep running and find the new controller where they look for the old one;
+        the new controller starts with the next epoch and resumes the stored jobs.
+        """
+        old = self.controller
+        settings = old.settings.model_copy(update={"agent_bind": old.agent_endpoint, "admin_bind": old.admin_endpoint})
+        await old.close()
+        self.controller = Controller(settings)
+        await self.controller.start()
+        return self.controller
+
     async def stop_agent(self, name: str) -> None:
         self.stops[name].set()
         await asyncio.wait_for(self.tasks[name], 5)
@@ -46,9 +60,12 @@ async def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, wha
 
 @contextlib.asynccontextmanager
 async def in_process_cluster(tmp_path: Path, nodes: int = 2, gpus: int = 2, model: str = "h100",
-                             utilization: float = 1.0) -> AsyncIterator[InProcessCluster]:
-    settings = ControllerSettings(agent_bind="tcp://127.0.0.1:*", admin_bind="tcp://127.0.0.1:*",
-                                  state_dir=tmp_path / "controller", metrics_port=0, **FAST)
+                             utilization: float = 1.0,
+                             controller_settings: dict[str, Any] | None = None) -> AsyncIterator[InProcessCluster]:
+    """``controller_settings`` overrides fields of the controller's settings (e.g. invocation timeouts)."""
+    settings = ControllerSettings(**{**dict(agent_bind="tcp://127.0.0.1:*", admin_bind="tcp://127.0.0.1:*",
+                                            state_dir=tmp_path / "controller", metrics_port=0, **FAST),
+                                     **(controller_settings or {})})
     controller = Controller(settings)
     await controller.start()
     ctx = zmq.Context()
@@ -74,5 +91,5 @@ async def in_process_cluster(tmp_path: Path, nodes: int = 2, gpus: int = 2, mode
         for stop in cluster.stops.values():
             stop.set()
         await asyncio.gather(*cluster.tasks.values(), return_exceptions=True)
-        await controller.close()
+        await cluster.controller.close()
         ctx.destroy(linger=0)

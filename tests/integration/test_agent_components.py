@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -232,7 +232,7 @@ def test_tool_and_sim_components_serve_invocations(tmp_path: Path) -> None:
 
             # Refusals.
             stale = await link.invoke("tool-1", "chat", {"question": "x"}, epoch=link.epoch - 1)
-            assert stale.error_code == "stale_command" and not stale.ok and not stale.retryable
+            assert stale.error_code == "stale_command" and not stale.ok and stale.retryable  # a controller restarted: retry after it re-registers
             with pytest.raises(RemoteError) as refused:
                 await link.call(StartComponent("c-stale", link.epoch + 1, link.generation,
                                                "tool-9", tool_executor("echo", f"{__name__}:echo"), ()))
@@ -504,20 +504,26 @@ def test_sim_engines_share_a_gpu_and_restore_its_load(tmp_path: Path) -> None:
     async def scenario() -> None:
         gpu = open_sim_devices(node_name="n", model="h100", count=1, seed=1, utilization=0.3,
                                start_s=time.monotonic())[0]
-        a = SimEngine(sim_context(tmp_path, [gpu], latency_s=0.3, latency_per_item_s=0.0, utilization=0.5,
+        # Latencies far above scheduling delays on a loaded machine; checks poll instead of sleeping.
+        a = SimEngine(sim_context(tmp_path, [gpu], latency_s=3.0, latency_per_item_s=0.0, utilization=0.5,
                                   startup_s=0.0))
-        b = SimEngine(sim_context(tmp_path, [gpu], latency_s=0.15, latency_per_item_s=0.0, utilization=0.4,
+        b = SimEngine(sim_context(tmp_path, [gpu], latency_s=1.0, latency_per_item_s=0.0, utilization=0.4,
                                   startup_s=0.0))
         await a.start()
         await b.start()
-        first = asyncio.ensure_future(a.invoke("chat", {"question": "q"}, {}, 5.0))
-        await asyncio.sleep(0.05)
-        assert gpu.utilization == 0.5
-        second = asyncio.ensure_future(b.invoke("chat", {"question": "q"}, {}, 5.0))
-        await asyncio.sleep(0.05)
-        assert gpu.utilization == pytest.approx(0.9)
+
+        async def until(condition: Callable[[], bool], what: str) -> None:
+            deadline = time.monotonic() + 2.0
+            while not condition():
+                assert time.monotonic() < deadline, what
+                await asyncio.sleep(0.01)
+
+        first = asyncio.ensure_future(a.invoke("chat", {"question": "q"}, {}, 10.0))
+        await until(lambda: gpu.utilization == 0.5, "a's load applied")
+        second = asyncio.ensure_future(b.invoke("chat", {"question": "q"}, {}, 10.0))
+        await until(lambda: gpu.utilization == pytest.approx(0.9), "both loads applied")
         await second
-        assert gpu.utilization == 0.5
+        assert not first.done() and gpu.utilization == 0.5
         out = await first
         assert gpu.utilization == 0.3  # back to the GPU's own background load
         assert out["answer"].startswith("[simulated answer by sim-llm]")
