@@ -27,6 +27,7 @@ class HardwareType:
     max_power_w: float  # per device, the maximum power limit (TDP); CPUs: package TDP
     min_power_cap_w: float | None  # lowest settable power limit; None: not cappable
     price_per_hour_usd: float  # per device (cloud list price or amortised cost; the scenario says which)
+    cores: int = 0  # CPU hardware: cores per device (CPU executors take resources.cpu_cores of them); 0 = unknown
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,12 @@ class Problem:
     utilization_target: float = 0.8  # plan instances to run at most this busy
     share_instances: bool = True  # one instance pool per configuration, shared by every demand using it
     min_instances: int = 0  # keep at least this many of every chosen configuration (e.g. 1 for warm pools)
+    # workflow -> stage -> list elements per request: for a mapped stage, the elements it maps over (one
+    # invocation each); for another stage, the length of its largest list input (the perf model's ``items``).
+    # Missing: 1. See docs/planning.md.
+    stage_items: dict[str, dict[str, float]] = field(default_factory=dict)
+    time_limit_s: float = 4.0  # MILP solver time limit; the best plan found by then is returned ("feasible")
+    mip_rel_gap: float = 1e-2  # the MILP stops within this fraction of the optimum (its LP bound); tests: 1e-9
 
 
 @dataclass(frozen=True)
@@ -132,3 +139,10 @@ class Solution:
     binding: tuple[str, ...]  # constraints at their limit, in words
     solve_s: float
     unserved: dict[Demand, str] = field(default_factory=dict)  # demands dropped, and why
+    average_power_w: float = 0.0  # predicted mean draw at the planned rates (idle of every instance + dynamic)
+    load: dict[InstanceConfig, float] = field(default_factory=dict)  # planned busy instance-equivalents per pool
+    instance_busy_power_w: dict[InstanceConfig, float] = field(default_factory=dict)  # per instance, serving
+    instance_idle_power_w: dict[InstanceConfig, float] = field(default_factory=dict)  # per instance, idle
+    instance_cost_per_hour_usd: dict[InstanceConfig, float] = field(default_factory=dict)  # per instance
+    instance_devices: dict[InstanceConfig, float] = field(default_factory=dict)  # devices per instance (CPU: share)
+    notes: tuple[str, ...] = ()  # how the plan was reached when not by a finished MILP (e.g. a greedy fallback)
