@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -31,6 +32,10 @@ class ControllerSettings(BaseModel):
     invocation_max_attempts: int = Field(3, ge=1, le=20)
     job_queue_timeout_s: float = Field(900.0, gt=0, description="waiting for a ready component before failing")
     job_timeout_s: float = Field(3600.0, gt=0)
+    planner: Literal["first-fit", "murakkab"] = Field(
+        "first-fit", description="first-fit: cheapest executor per tier, first-fit placement; murakkab: forecast, "
+                                 "MILP over executors, knobs, hardware and power caps, and power/thermal-aware placement")
+    planning_epoch_s: float = Field(300.0, gt=0, le=86400)
     log_level: str = "INFO"
 
     @model_validator(mode="after")

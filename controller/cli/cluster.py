@@ -45,6 +45,8 @@ def add_cluster_commands(sub: Any) -> None:
     up.add_argument("--suspect-after", type=float, default=3.0, help="seconds without heartbeat")
     up.add_argument("--lost-after", type=float, default=10.0, help="seconds without heartbeat")
     up.add_argument("--seed", type=int, default=0)
+    up.add_argument("--planner", choices=("first-fit", "murakkab"), default="first-fit",
+                    help="the controller's planner (murakkab: forecast + MILP + power/thermal-aware placement)")
     up.add_argument("--model-dir", type=Path, default=None,
                     help="where agents find models ({model_dir} in catalogs); default STATE_DIR/models")
     up.set_defaults(handler=cluster_up)
@@ -138,7 +140,7 @@ def cluster_up(args: argparse.Namespace, console: Console) -> int:
         "agent_bind": f"tcp://127.0.0.1:{free_port()}", "admin_bind": f"tcp://127.0.0.1:{free_port()}",
         "state_dir": str(state_dir / "controller"), "metrics_host": "127.0.0.1", "metrics_port": 0,
         "heartbeat_interval_s": args.heartbeat_interval, "suspect_after_s": args.suspect_after,
-        "lost_after_s": args.lost_after,
+        "lost_after_s": args.lost_after, "planner": args.planner,
     }})
     started = {"controller": spawn(state_dir, "controller",
                                     [sys.executable, "-m", "controller.main", "--config", str(controller_cfg)])}

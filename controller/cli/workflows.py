@@ -771,3 +771,6 @@ def add_workflow_commands(sub: Any) -> None:
 
     _output(sub.add_parser("components", help="planned and running components on every node")) \
         .set_defaults(handler=cmd_components)
+
+    from controller.cli.plan import add_plan_commands
+    add_plan_commands(sub)

@@ -31,6 +31,7 @@ from common.workflow.loader import SpecError, load_catalog, load_workflow
 from common.workflow.spec import WorkflowSpec
 from common.workflow.types import check_value, value_bytes
 from controller.jobs import executor as jx
+from controller.jobs.planning import OptimizingPlanner, PlanningConfig
 from controller.jobs.store import InvocationRow, StoredJob, StoredWorkflow, WorkloadStore
 from controller import reconciler as rc
 from controller.registry import Liveness, NodeRecord
@@ -60,6 +61,9 @@ class WorkloadConfig:
     command_timeout_s: float = 10.0
     drain_timeout_s: float = 30.0
     restart_grace_s: float = 30.0  # after a restart, how long to wait for known nodes before planning without them
+    planner: str = "first-fit"  # "first-fit" | "murakkab" (forecast + MILP + placement with power caps)
+    planning_epoch_s: float = 300.0  # murakkab: re-plan at least this often
+    power_limit_retry_s: float = 10.0
 
 
 class WorkloadService:
@@ -91,6 +95,11 @@ class WorkloadService:
         self._dispatched: dict[str, InvocationRow] = {}
         self._job_demands: dict[str, Demand] = {}  # unfinished job -> its demand (keeps its components planned)
         self._grace_until_s: float | None = None
+        self.optimizing = (OptimizingPlanner(PlanningConfig(epoch_s=config.planning_epoch_s))
+                           if config.planner == "murakkab" else None)
+        self.power_limits: dict[tuple[str, int], float] = {}  # desired, per (node, device)
+        self._power_limit_sent_s: dict[tuple[str, int], float] = {}
+        self.explanation: dict[str, Any] = {"planner": config.planner}
 
     # --- start-up --------------------------------------------------------------------------
 
@@ -144,6 +153,25 @@ class WorkloadService:
             self.replan(now_s)
         self.perform(self.reconciler.handle(rc.Tick(now_s)))
         self.perform(self.executor.handle(jx.Tick(now_s)))
+        self._apply_power_limits(now_s)
+
+    def _apply_power_limits(self, now_s: float) -> None:
+        """Level-triggered, like the reconciler: a device whose reported limit differs from the plan's
+        gets a set_power_limit, at most once per retry interval."""
+        for (node_name, index), limit_w in self.power_limits.items():
+            node = self.c.registry.nodes.get(node_name)
+            if node is None or node.liveness is not Liveness.READY:
+                continue
+            reported = next((t.power_limit_w for t in node.latest_telemetry() if t.index == index), None)
+            if reported is not None and abs(reported - limit_w) < 1.0:
+                continue
+            sent_s = self._power_limit_sent_s.get((node_name, index))
+            if sent_s is not None and now_s - sent_s < self.config.power_limit_retry_s:
+                continue
+            self._power_limit_sent_s[(node_name, index)] = now_s
+            task = asyncio.ensure_future(self.c.set_power_limit(node, index, limit_w))
+            self._commands[f"power-{node_name}-{index}-{now_s}"] = task
+            task.add_done_callback(lambda t, k=f"power-{node_name}-{index}-{now_s}": self._commands.pop(k, None))
 
     def on_heartbeat(self, node_name: str, reports: tuple[ComponentReport, ...], now_s: float) -> None:
         node = self.c.registry.nodes.get(node_name)
@@ -241,10 +269,18 @@ class WorkloadService:
 
     def replan(self, now_s: float) -> Plan:
         self._replan_needed = False
-        self._replan_at_s = now_s + self.config.replan_interval_s
         workflows = {name: spec for name, (_, spec) in self.workflows.items()}
-        plan = first_fit.plan(workflows, self.catalog, sorted(self.demands, key=repr), self.node_snapshots(),
-                              self._current_components())
+        demands = sorted(self.demands, key=repr)
+        if self.optimizing is not None:
+            self._replan_at_s = now_s + self.config.planning_epoch_s
+            outcome = self.optimizing.plan(workflows, self.catalog, demands, list(self.c.registry.nodes.values()),
+                                           self._current_components(), now_s)
+            plan, self.power_limits, self.explanation = outcome.plan, outcome.power_limits, outcome.explanation
+        else:
+            self._replan_at_s = now_s + self.config.replan_interval_s
+            started = time.perf_counter()
+            plan = first_fit.plan(workflows, self.catalog, demands, self.node_snapshots(), self._current_components())
+            self.explanation = first_fit_explanation(plan, time.perf_counter() - started)
         if plan.components != self.plan.components or plan.notes != self.plan.notes:
             for note in plan.notes:
                 log.warning("plan: %s", note)
@@ -508,6 +544,8 @@ class WorkloadService:
             return ErrorReply("unsatisfiable", f"workflow {msg.workflow} at SLO {dict(msg.slo) or 'default'} cannot "
                                                f"be served: {reason}")
         self.demands[demand] = now
+        if self.optimizing is not None:
+            self.optimizing.record_submit(demand, now)
         choices = self.plan.choices[demand]
         job = StoredJob(f"j-{uuid.uuid4().hex[:12]}", msg.workflow, stored.version, spec.to_dict(), dict(msg.slo),
                         {stage: {"executor": c.executor, "knobs": dict(c.knobs)} for stage, c in choices.items()},
@@ -610,3 +648,19 @@ class WorkloadService:
                 views.append(ComponentView(placed.node, True, None, placed.component_id, placed.executor,
                                            placed.device_indexes, status.last_error if status else ""))
         return ComponentList(tuple(views))
+
+
+def first_fit_explanation(plan: Plan, elapsed_s: float) -> dict[str, Any]:
+    """``plan show`` for the first-fit planner: the choices and placements, without predictions."""
+    return {
+        "planner": "first-fit",
+        "plan_s": round(elapsed_s, 4),
+        "demands": [{"workflow": d.workflow, "slo": dict(d.slo),
+                     "stages": {stage: {"executor": c.executor, "knobs": dict(c.knobs)} for stage, c in stages.items()}}
+                    for d, stages in sorted(plan.choices.items(), key=lambda kv: repr(kv[0]))]
+                   + [{"workflow": d.workflow, "slo": dict(d.slo), "unserved": why}
+                      for d, why in sorted(plan.unsatisfiable.items(), key=lambda kv: repr(kv[0]))],
+        "components": [{"component_id": p.component_id, "executor": p.executor, "node": p.node,
+                        "devices": list(p.device_indexes)} for p in plan.components],
+        "notes": list(plan.notes),
+    }
