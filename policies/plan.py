@@ -60,6 +60,7 @@ class PlacedComponent:
     executor: str
     node: str
     device_indexes: tuple[int, ...]
+    power_limit_w: float | None = None  # per device, to apply on each of device_indexes; None: leave as is
 
 
 @dataclass(frozen=True)
