@@ -6,9 +6,10 @@ from typing import TYPE_CHECKING, Any
 
 from common import __version__
 from common.protocol import (
-    ApplyCatalog, ApplyWorkflow, CancelJob, ClusterStatus, DeleteWorkflow, DrainNode, ErrorReply, GetJob, GetNode,
-    GetStatus, GetWorkflow, LabelNode, ListComponents, ListExecutors, ListJobs, ListNodes, ListWorkflows, NodeDetail,
-    NodeList, NodeView, SetNodePowerLimit, SubmitJob, UndrainNode, build_dispatch,
+    ApplyCatalog, ApplyWorkflow, CancelJob, GetPlan, PlanDetail, ClusterStatus, DeleteWorkflow, DrainNode, ErrorReply, GetJob, GetNode,
+    GetProfileRun, GetStatus, GetWorkflow, LabelNode, ListComponents, ListExecutors, ListJobs, ListNodes, ListProfiles,
+    ListWorkflows, NodeDetail, NodeList, NodeView, SetNodePowerLimit, StartProfile, SubmitJob, UndrainNode,
+    build_dispatch,
 )
 from controller.registry import (
     Accepted, DrainRequested, LabelsChanged, Liveness, NodeRecord, Rejected, UndrainRequested,
@@ -27,7 +28,7 @@ class AdminApi:
         self.dispatch = build_dispatch("controller.admin", {
             ListNodes: self.list_nodes, GetNode: self.get_node, DrainNode: self.drain, UndrainNode: self.undrain,
             LabelNode: self.label, SetNodePowerLimit: self.set_power_limit, GetStatus: self.status,
-            **self._workload_handlers(),
+            **self._workload_handlers(), **self._profile_handlers(),
         })
 
     def _workload_handlers(self) -> dict[type, Any]:
@@ -45,6 +46,16 @@ class AdminApi:
             GetJob: lambda peer, m: w.get_job(m.job_id, m.wait_s, m.include_outputs),
             CancelJob: lambda peer, m: w.cancel(m.job_id, m.reason),
             ListComponents: lambda peer, m: w.list_components(),
+            GetPlan: lambda peer, m: PlanDetail(w.explanation),
+        }
+
+    def _profile_handlers(self) -> dict[type, Any]:
+        """Profile runs and stored profiles go to the profiler service."""
+        p = self.controller.profiler
+        return {
+            StartProfile: lambda peer, m: p.start(m),
+            GetProfileRun: lambda peer, m: p.status(m),
+            ListProfiles: lambda peer, m: p.list_profiles(m),
         }
 
     def view(self, node: NodeRecord) -> NodeView:

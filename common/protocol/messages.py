@@ -563,6 +563,21 @@ class ComponentList:
     components: tuple[ComponentView, ...]
 
 
+@message("get_plan", kind="request", served_by="controller.admin")
+@dataclass(frozen=True)
+class GetPlan:
+    pass
+
+
+@message("plan_detail", kind="reply")
+@dataclass(frozen=True)
+class PlanDetail:
+    """The current plan explained: per workflow and SLO the choices, predictions (murakkab planner),
+    instance pools, binding constraints, placements and power limits (see controller/jobs/planning.py)."""
+
+    explanation: dict[StrictStr, Any]
+
+
 # --- either direction ------------------------------------------------------------------
 
 
@@ -631,4 +646,105 @@ __all__ = [
     "ListComponents",
     "ComponentView",
     "ComponentList",
+    "GetPlan",
+    "PlanDetail",
+]
+
+
+# --- admin CLI -> controller: profiles ---------------------------------------------------
+
+
+@message("start_profile", kind="request", served_by="controller.admin")
+@dataclass(frozen=True)
+class StartProfile:
+    """Profile an executor on one node's device (the first of ``gpu_count`` consecutive GPUs for
+    tensor-parallel executors). ``sweep`` overrides axes of the default sweep (see
+    policies/profiles.py ``Sweep``); the run goes on in the controller after the reply."""
+
+    executor: StrictStr
+    node: StrictStr
+    device_index: StrictInt
+    sweep: dict[StrictStr, Any] = field(default_factory=dict)
+
+
+@message("profile_started", kind="reply")
+@dataclass(frozen=True)
+class ProfileStarted:
+    run_id: StrictStr
+    points: StrictInt  # measurement points, TTFT probes included
+    sweep: dict[StrictStr, Any] = field(default_factory=dict)  # the effective sweep
+
+
+@message("get_profile_run", kind="request", served_by="controller.admin")
+@dataclass(frozen=True)
+class GetProfileRun:
+    run_id: StrictStr
+    include_samples: StrictBool = True
+
+
+@message("profile_run_status", kind="reply")
+@dataclass(frozen=True)
+class ProfileRunStatus:
+    """``state`` is starting | running | stopping | succeeded | failed | cancelled; ``samples`` are
+    ProfileSample dicts (policies/profiles.py) stored so far."""
+
+    run_id: StrictStr
+    executor: StrictStr
+    node: StrictStr
+    device_index: StrictInt
+    state: StrictStr
+    done_points: StrictInt
+    total_points: StrictInt
+    message: StrictStr
+    samples: tuple[dict[StrictStr, Any], ...]
+    started_at_unix_s: StrictFloat
+    ended_at_unix_s: StrictFloat | None = None
+
+
+@message("list_profiles", kind="request", served_by="controller.admin")
+@dataclass(frozen=True)
+class ListProfiles:
+    """Stored samples (oldest first, at most ``limit``); with ``fit`` also each predictor's held-out error."""
+
+    executor: StrictStr = ""
+    hardware: StrictStr = ""
+    fit: StrictBool = False
+    limit: StrictInt = 1000
+    run_id: StrictStr = ""  # only the samples of one profile run
+
+
+@dataclass(frozen=True)
+class PredictorFit:
+    """Held-out error of one (executor, hardware) predictor pair; MAPEs are fractions (0.1 = 10 %),
+    None where there are too few samples to hold any out. ``modeled_*_mape``: how far the
+    catalog's model (policies/perf_model.py) is from the measured samples, where both exist."""
+
+    executor: StrictStr
+    hardware: StrictStr
+    source: StrictStr  # the samples it learned from: measured | modeled
+    samples: StrictInt
+    latency_model: StrictStr
+    energy_model: StrictStr | None
+    latency_mape: StrictFloat | None
+    energy_mape: StrictFloat | None
+    modeled_latency_mape: StrictFloat | None = None
+    modeled_energy_mape: StrictFloat | None = None
+
+
+@message("profile_list", kind="reply")
+@dataclass(frozen=True)
+class ProfileList:
+    samples: tuple[dict[StrictStr, Any], ...]
+    total: StrictInt  # samples matching the filter, including any beyond ``limit``
+    fits: tuple[PredictorFit, ...] = ()
+
+
+__all__ += [
+    "StartProfile",
+    "ProfileStarted",
+    "GetProfileRun",
+    "ProfileRunStatus",
+    "ListProfiles",
+    "PredictorFit",
+    "ProfileList",
 ]

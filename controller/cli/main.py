@@ -188,9 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     spl.add_argument("watts", type=float)
 
     from controller.cli.cluster import add_cluster_commands
+    from controller.cli.sim import add_sim_commands
     from controller.cli.workflows import add_workflow_commands
     add_cluster_commands(sub)
     add_workflow_commands(sub)
+    add_sim_commands(sub)
+    from controller.cli.profile import add_profile_commands
+    add_profile_commands(sub)
     return parser
 
 
@@ -199,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     # Piped output gets a wide console so tables are not folded into 80 columns.
     console = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
     try:
-        if getattr(args, "handler", None) is not None:  # cluster, catalog, workflow, run, jobs, job, components
+        if getattr(args, "handler", None) is not None:  # cluster, catalog, workflow, run, jobs, job, components, sim
             return int(args.handler(args, console))
         return run_admin(args, console)
     except ClientError as exc:
