@@ -25,6 +25,7 @@ from policies.forecast import EwmaForecast
 from policies.model import Budgets, DemandRate, HardwareType, InstanceConfig, PerfModel, Problem, Solution
 from policies.perf_model import CatalogPerfModel, power_cap_levels, standard_hardware
 from policies.placement import NodeState, PlacementLimits, device_state, hardware_key, place
+from policies.predictors import LearnedPerfModel, Predictors
 from policies.plan import Demand, PlacedComponent, Plan
 
 MIN_RATE_RPS = 0.01  # a demand with no recent traffic still keeps one warm instance per configuration
@@ -80,8 +81,8 @@ class ArrivalCounter:
 def fleet_hardware(nodes: Sequence[NodeRecord]) -> tuple[dict[str, HardwareType], dict[str, int]]:
     """The hardware types present on schedulable nodes and how many devices of each.
 
-    Known GPU models take their published characteristics; a node's CPU counts as one ``cpu``
-    device whose cores are the smallest CPU count among the nodes (conservative).
+    Known GPU models take their published characteristics; every node's host CPU counts as one
+    ``cpu`` device whose cores are the smallest CPU count among the nodes (conservative).
     """
     standard = standard_hardware()
     counts: dict[str, int] = defaultdict(int)
@@ -91,10 +92,11 @@ def fleet_hardware(nodes: Sequence[NodeRecord]) -> tuple[dict[str, HardwareType]
             continue
         for device in node.devices:
             key = hardware_key(device.model, device.kind)
-            if key in standard:
+            if key in standard and key != "cpu":
                 counts[key] += 1
-            if device.kind == "cpu" and node.host_info is not None:
-                cpu_cores.append(node.host_info.cpu_count)
+        if node.host_info is not None:  # every host's CPUs run tools, with or without a cpu device
+            counts["cpu"] += 1
+            cpu_cores.append(node.host_info.cpu_count)
     hardware = {key: standard[key] for key in counts}
     if "cpu" in hardware and cpu_cores:
         cpu = hardware["cpu"]
@@ -140,11 +142,15 @@ class OptimizingPlanner:
 
     def plan(self, workflows: Mapping[str, WorkflowSpec], catalog: Mapping[str, ExecutorSpec],
              demands: Sequence[Demand], nodes: Sequence[NodeRecord], current: Sequence[PlacedComponent],
-             now_s: float) -> PlanOutcome:
+             now_s: float, predictors: Predictors | None = None) -> PlanOutcome:
+        """``predictors`` (fitted on stored profiles) take precedence over the catalog's model where they
+        cover an executor, hardware type and operating point."""
         started = time.perf_counter()
         self.arrivals.roll(now_s)
         hardware, counts = fleet_hardware(nodes)
         perf = self.perf_override or CatalogPerfModel(hardware)
+        if self.perf_override is None and predictors is not None and len(predictors):
+            perf = LearnedPerfModel(predictors, perf)
         wanted = [d for d in demands if d.workflow in workflows]
         rates = tuple(DemandRate(d, self.arrivals.rate_rps(d)) for d in wanted)
         problem = Problem(

@@ -273,8 +273,10 @@ class WorkloadService:
         demands = sorted(self.demands, key=repr)
         if self.optimizing is not None:
             self._replan_at_s = now_s + self.config.planning_epoch_s
+            profiler = getattr(self.c, "profiler", None)
             outcome = self.optimizing.plan(workflows, self.catalog, demands, list(self.c.registry.nodes.values()),
-                                           self._current_components(), now_s)
+                                           self._current_components(), now_s,
+                                           profiler.predictors if profiler is not None else None)
             plan, self.power_limits, self.explanation = outcome.plan, outcome.power_limits, outcome.explanation
         else:
             self._replan_at_s = now_s + self.config.replan_interval_s

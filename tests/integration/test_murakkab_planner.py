@@ -1,0 +1,52 @@
+"""The controller with the profile-guided planner ('murakkab') on an in-process sim-GPU cluster.
+
+The MILP picks executors, knobs and power caps per workflow and tier, placement puts the
+instances on the sim GPUs, the reconciler starts them, power limits are applied to the
+devices, jobs run, and ``plan show`` explains the result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from agent.tools.testdata import file_blob, make_test_video
+from common.protocol import GetPlan, SubmitJob
+from tests.integration.cluster import in_process_cluster, wait_until
+from tests.integration.test_workflow_jobs import call, setup, video_qa_yaml, wait_job
+
+SETTINGS = {"planner": "murakkab", "planning_epoch_s": 5.0}
+
+
+def test_murakkab_planner_runs_jobs_applies_power_caps_and_explains_the_plan(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with in_process_cluster(tmp_path, nodes=2, gpus=4, utilization=0.0,
+                                      controller_settings=SETTINGS) as cluster:
+            await setup(cluster, ("video-qa.yaml", video_qa_yaml()))
+            video = file_blob(make_test_video(tmp_path / "v.avi", [(200, 30, 30), (30, 200, 30)]))
+            best = await call(cluster, SubmitJob("video-qa", {"video": video, "question": "what?"},
+                                                 {"accuracy": "best"}))
+            basic = await call(cluster, SubmitJob("video-qa", {"video": video, "question": "what?"},
+                                                  {"accuracy": "basic"}))
+            jobs = [await wait_job(cluster, best.job_id, 60), await wait_job(cluster, basic.job_id, 60)]
+            assert [j.state for j in jobs] == ["succeeded", "succeeded"], [j.reason for j in jobs]
+            assert all(i.energy_j for j in jobs for i in j.invocations if i.simulated)
+
+            explanation = (await call(cluster, GetPlan())).explanation
+            assert explanation["planner"].startswith("murakkab") and explanation["status"] in ("optimal", "feasible")
+            by_tier = {tuple(sorted(d["slo"].items())): d for d in explanation["demands"] if d["workflow"] == "video-qa"}
+            for tier in ((("accuracy", "best"),), (("accuracy", "basic"),)):
+                predicted = by_tier[tier]["predicted"]
+                assert 0 < predicted["latency_s"] <= predicted["latency_target_s"]
+                assert predicted["energy_j_per_request"] > 0
+            limits = {(p["node"], p["device"]): p["power_limit_w"] for p in explanation["power_limits"]}
+            assert limits, explanation
+            agents = cluster.agents
+
+            def applied() -> bool:  # the agents' GPUs run at the planned limits
+                return all(abs(agents[node].latest[index].power_limit_w - watts) < 1.0
+                           for (node, index), watts in limits.items())
+
+            await wait_until(applied, timeout_s=15, what="planned power limits applied on the sim GPUs")
+
+    asyncio.run(scenario())
