@@ -11,7 +11,7 @@ MODEL_DIR ?= .state/models
 TINY_MODEL := $(MODEL_DIR)/tiny-llama/.complete
 DEMO_DIR ?= .state/demo
 
-.PHONY: install engines demo test test-fast bench bench-workflows clean demo-down
+.PHONY: install engines demo test test-fast bench bench-workflows bench-planning clean demo-down
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -63,3 +63,7 @@ demo-down:
 
 clean:
 	rm -rf $(VENV) .state .pytest_cache .hypothesis *.egg-info
+
+# Profile-guided planning: the three policies side by side on the 24-hour day-mix scenario (simulated).
+bench-planning: install
+	$(PY) bench/planning.py

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -78,6 +79,7 @@ def main() -> int:
     args = parser.parse_args()
 
     subprocess.run([*CTL, "cluster", "down", "--state-dir", str(args.state_dir)], cwd=REPO, capture_output=True)
+    shutil.rmtree(args.state_dir, ignore_errors=True)  # a fresh controller database every run
     subprocess.run([*CTL, "cluster", "up", "--state-dir", str(args.state_dir), "--sim-nodes", "0", "--cpu-node",
                     "--model-dir", str(args.model_dir.resolve())], cwd=REPO, check=True)
     address = (args.state_dir / "controller.addr").read_text().strip()

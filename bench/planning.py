@@ -1,0 +1,206 @@
+"""Planning benchmark: static, murakkab-epoch and murakkab side by side on one scenario (simulated).
+
+    python bench/planning.py [--scenario examples/scenarios/day-mix.yaml] [--out bench/results/planning]
+                             [--policies static,murakkab-epoch,murakkab] [--jobs 1] [--no-plots]
+
+Writes OUT/{policy}/report.json and plots, OUT/summary.json (ratios against static and against
+murakkab-epoch, the issue's targets and whether each is met) and OUT/summary.md (the same as a
+table). Every number is from the cluster simulator (see controller/simulator and bench/README.md,
+"Planning"); the same seed gives the same requests to every policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from controller.simulator.run import run_simulation  # noqa: E402
+from controller.simulator.scenario import POLICY_NAMES, load_scenario  # noqa: E402
+
+DEFAULT_SCENARIO = ROOT / "examples" / "scenarios" / "day-mix.yaml"
+DEFAULT_OUT = ROOT / "bench" / "results" / "planning"
+
+# The issue's targets (issue 4, "Benchmark").
+TARGETS = {
+    "vs_static": {"gpu_hours": 2.8, "energy_mwh": 3.7, "cost_usd": 4.3, "slo_attainment_min": 0.99},
+    "vs_murakkab_epoch": {"energy_mwh": 1.2},
+    "plan_seconds_max": 5.0,
+}
+
+
+def load(scenario_path: str, seed: int | None, margin: float | None, factor: float | None = None):
+    scenario = load_scenario(scenario_path)
+    if seed is not None:
+        scenario = scenario.with_seed(seed)
+    changes: dict[str, float] = {}
+    if margin is not None:
+        changes["latency_planning_margin"] = margin
+    if factor is not None:
+        changes["service_time_factor"] = factor
+    if changes:
+        control = scenario.spec.control.model_copy(update=changes)
+        scenario = dataclasses.replace(scenario, spec=scenario.spec.model_copy(update={"control": control}))
+    return scenario
+
+
+def run_one(scenario_path: str, policy: str, out_dir: str, plots: bool, seed: int | None,
+            margin: float | None = None, factor: float | None = None) -> dict[str, Any]:
+    scenario = load(scenario_path, seed, margin, factor)
+    started = time.perf_counter()
+    report, _ = run_simulation(scenario, policy, Path(out_dir) / policy, plots=plots)
+    report["run_wall_s"] = time.perf_counter() - started
+    return report
+
+
+def ratio(baseline: float | None, ours: float | None) -> float | None:
+    """How many times less ``ours`` uses than ``baseline`` (baseline / ours)."""
+    if baseline is None or ours is None or ours <= 0:
+        return None
+    return baseline / ours
+
+
+def compare(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Ratios of every policy against static and murakkab-epoch, and the targets for murakkab."""
+    metrics = ("gpu_hours", "energy_mwh", "fleet_energy_mwh", "cost_usd")
+    summary: dict[str, Any] = {"policies": {}, "targets": TARGETS, "checks": {}}
+    for name, r in reports.items():
+        entry: dict[str, Any] = {m: r[m] for m in metrics}
+        entry["slo_attainment"] = r["slo_attainment"]["overall"]
+        entry["slo_attainment_per_tier"] = r["slo_attainment"]["per_tier"]
+        entry["requests_dropped"] = r["requests"]["dropped"]
+        entry["plan_changes"] = r["plan_changes"]
+        entry["plan_seconds"] = r["plan_seconds"]
+        entry["peak_gpus_allocated"] = r["peak_gpus_allocated"]
+        entry["sim_wall_s"] = r["sim_wall_s"]
+        for base in ("static", "murakkab-epoch"):
+            if base in reports and base != name:
+                entry[f"vs_{base.replace('-', '_')}"] = {m: ratio(reports[base][m], r[m]) for m in metrics}
+        summary["policies"][name] = entry
+    ours = summary["policies"].get("murakkab")
+    checks: dict[str, Any] = {}
+    if ours is not None and "vs_static" in ours:
+        for metric, want in TARGETS["vs_static"].items():
+            if metric == "slo_attainment_min":
+                got = ours["slo_attainment"]
+                checks["slo_attainment >= 0.99"] = {"measured": got, "met": got is not None and got >= want}
+            else:
+                got = ours["vs_static"][metric]
+                checks[f"{metric} vs static >= {want}x"] = {"measured": got, "met": got is not None and got >= want}
+    if ours is not None and "vs_murakkab_epoch" in ours:
+        epoch = summary["policies"]["murakkab-epoch"]
+        got = ours["vs_murakkab_epoch"]["energy_mwh"]
+        want = TARGETS["vs_murakkab_epoch"]["energy_mwh"]
+        checks[f"energy vs murakkab-epoch >= {want}x"] = {"measured": got, "met": got is not None and got >= want}
+        equal_or_better = (ours["slo_attainment"] or 0.0) >= (epoch["slo_attainment"] or 0.0) - 1e-9
+        checks["slo_attainment >= murakkab-epoch's"] = {
+            "measured": [ours["slo_attainment"], epoch["slo_attainment"]], "met": equal_or_better}
+    if ours is not None:
+        worst = ours["plan_seconds"]["max"]
+        checks[f"plan_seconds max <= {TARGETS['plan_seconds_max']} s"] = {
+            "measured": worst, "met": worst is not None and worst <= TARGETS["plan_seconds_max"]}
+    summary["checks"] = checks
+    return summary
+
+
+def _f(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def markdown(summary: dict[str, Any], scenario: str, seed: int, margin: float, factor: float = 1.0) -> str:
+    lines = [f"Scenario `{scenario}`, seed {seed}, latency planning margin {margin:g}, service time factor "
+             f"{factor:g}, simulated.", "",
+             "| policy | GPU-hours | energy (MWh, allocated) | energy (MWh, fleet) | cost (USD) | SLO attainment "
+             "| dropped | plan changes | plan s p50 / max |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, p in summary["policies"].items():
+        plan = p["plan_seconds"]
+        lines.append(f"| {name} | {p['gpu_hours']:.1f} | {p['energy_mwh']:.3f} | {p['fleet_energy_mwh']:.3f} | "
+                     f"{p['cost_usd']:,.0f} | {_f(p['slo_attainment'] and 100 * p['slo_attainment'], '.2f')} % | "
+                     f"{p['requests_dropped']:,.0f} | {p['plan_changes']} | "
+                     f"{_f(plan['p50'], '.2f')} / {_f(plan['max'], '.2f')} |")
+    lines += ["", "| ratio (baseline / policy) | GPU-hours | energy (allocated) | energy (fleet) | cost |",
+              "|---|---:|---:|---:|---:|"]
+    for name, p in summary["policies"].items():
+        for base in ("vs_static", "vs_murakkab_epoch"):
+            if base in p:
+                r = p[base]
+                lines.append(f"| {name} {base.replace('_', ' ').replace('murakkab epoch', 'murakkab-epoch')} | "
+                             f"{_f(r['gpu_hours'], '.2f')}x | {_f(r['energy_mwh'], '.2f')}x | "
+                             f"{_f(r['fleet_energy_mwh'], '.2f')}x | {_f(r['cost_usd'], '.2f')}x |")
+    tiers = sorted({t for p in summary["policies"].values() for t in p["slo_attainment_per_tier"]})
+    lines += ["", "| SLO attainment per tier | " + " | ".join(summary["policies"]) + " |",
+              "|---|" + "---:|" * len(summary["policies"])]
+    for tier in tiers:
+        cells = [_f(p["slo_attainment_per_tier"].get(tier) and 100 * p["slo_attainment_per_tier"][tier], ".2f")
+                 for p in summary["policies"].values()]
+        lines.append(f"| {tier} | " + " | ".join(f"{c} %" for c in cells) + " |")
+    if summary["checks"]:
+        lines += ["", "| target (murakkab) | measured | met |", "|---|---:|---|"]
+        for name, check in summary["checks"].items():
+            got = check["measured"]
+            shown = ", ".join(_f(v, ".4g") for v in got) if isinstance(got, list) else _f(got, ".4g")
+            lines.append(f"| {name} | {shown} | {'yes' if check['met'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenario", default=str(DEFAULT_SCENARIO))
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--policies", default=",".join(POLICY_NAMES))
+    parser.add_argument("--seed", type=int, default=None, help="override the scenario's seed")
+    parser.add_argument("--latency-margin", type=float, default=None,
+                        help="override control.latency_planning_margin (the MILP policies' queueing headroom)")
+    parser.add_argument("--service-time-factor", type=float, default=None,
+                        help="override control.service_time_factor (true service time / the planners' model)")
+    parser.add_argument("--jobs", type=int, default=1, help="policies simulated in parallel (processes)")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = [p for p in policies if p not in POLICY_NAMES]
+    if unknown:
+        parser.error(f"unknown policies {unknown}; choose from {', '.join(POLICY_NAMES)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    scenario = load(args.scenario, args.seed, args.latency_margin, args.service_time_factor)
+    seed = scenario.seed
+    reports: dict[str, dict[str, Any]] = {}
+    started = time.perf_counter()
+    if args.jobs > 1:
+        with ProcessPoolExecutor(max_workers=min(args.jobs, len(policies), os.cpu_count() or 1)) as pool:
+            futures = {p: pool.submit(run_one, args.scenario, p, str(out), not args.no_plots, args.seed,
+                                      args.latency_margin, args.service_time_factor) for p in policies}
+            for p in policies:
+                reports[p] = futures[p].result()
+    else:
+        for p in policies:
+            reports[p] = run_one(args.scenario, p, str(out), not args.no_plots, args.seed, args.latency_margin,
+                                 args.service_time_factor)
+            r = reports[p]
+            print(f"{p}: {r['gpu_hours']:.1f} GPU-h, {r['energy_mwh']:.3f} MWh, ${r['cost_usd']:,.0f}, "
+                  f"SLO {100 * (r['slo_attainment']['overall'] or 0):.2f} %, {r['sim_wall_s']:.1f} s", flush=True)
+    summary = compare(reports)
+    summary.update({"scenario": scenario.name, "seed": seed, "simulated": True,
+                    "latency_planning_margin": scenario.spec.control.latency_planning_margin,
+                    "service_time_factor": scenario.spec.control.service_time_factor,
+                    "bench_wall_s": time.perf_counter() - started})
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    table = markdown(summary, scenario.name, seed, scenario.spec.control.latency_planning_margin,
+                     scenario.spec.control.service_time_factor)
+    (out / "summary.md").write_text(table, encoding="utf-8")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,554 @@
+"""The discrete-event cluster simulator: virtual time, the real planning and control cores.
+
+What runs for real: the policy (``decide``), placement (``policies.placement.place``) and the
+reconciler (``controller.reconciler.Reconciler``, the class the controller daemon uses) driving
+simulated agents (``controller.simulator.cluster``) whose components take time to start.
+What is modeled: request service (``controller.simulator.service``), device power (the sim GPU's
+DVFS model, ``agent.devices.sim.operating_point``) and the request trace.
+
+Events sit in a heap ordered by (time, kind): component timers (ready after start-up, gone after
+draining) first, then policy decisions (every ``control.reactive_interval_s``; each policy keeps
+its own planning epoch and reactive rules), then service steps (every ``step_s``). Between
+events nothing changes, so energy, GPU-hours and cost integrate exactly as piecewise-constant
+power times time. Service within a step uses the pools that are ready at its start.
+
+A new plan that changes which pool serves some (workflow, tier, stage) is rolled out make
+before break: components the new placement drops keep serving the old routing until every pool
+of the new plan has its placed instances ready (or ``control.switch_timeout_s`` passes); then
+routing switches and the old components are stopped. Plans that only change instance counts or
+power caps apply at once (placement keeps components in place and moves caps without restarts).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from agent.devices.gpu_specs import GPU_SPECS
+from agent.devices.sim import operating_point
+from controller.reconciler import (
+    CommandDone, DesiredChanged, NodeReport, Reconciler, ReconcilerConfig, SendStart, SendStop, Tick,
+)
+from controller.simulator.cluster import (
+    SimAgents, SimComponent, SimNode, Timer, build_nodes, config_of, rack_budgets, startup_s,
+)
+from controller.simulator.report import Recorder, tier_label
+from controller.simulator.scenario import Scenario
+from controller.simulator.service import RouteTable, ServiceModel, StepOutcome
+from controller.simulator.slo import SloJudge
+from controller.simulator.trace import generate_arrivals
+from policies.model import HardwareType, InstanceConfig, PerfModel, SloTargets, Solution
+from policies.placement import DeviceState, NodeState, PlacementLimits, PlacementResult, place
+from policies.plan import SLO_DIMENSIONS, SLO_TIERS, Demand, PlacedComponent
+
+TIMER, DECIDE, STEP = 0, 1, 2  # event order at equal times
+MAX_REPORTED_UTILIZATION = 10.0  # overloaded pools report at most this (offered erlangs / slots)
+PlaceFn = Callable[..., PlacementResult]
+
+
+def _default_state_factory(**fields: Any) -> Any:
+    from policies.baselines import ClusterState  # the policies' own view type
+    return ClusterState(**fields)
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+@dataclass
+class _Rollout:
+    """A plan whose routing waits for its new pools to become ready."""
+
+    solution: Solution
+    since_s: float
+
+
+class Simulator:
+    """One policy on one scenario; ``run()`` returns the report (see ``controller.simulator.report``)."""
+
+    def __init__(self, scenario: Scenario, policy: Any, *, perf: PerfModel, hardware: Mapping[str, HardwareType],
+                 place_fn: PlaceFn = place, slo: SloTargets | None = None,
+                 state_factory: Callable[..., Any] = _default_state_factory,
+                 wall_clock: Callable[[], float] = time.perf_counter) -> None:
+        self.scenario = scenario
+        self.spec = scenario.spec
+        self.control = scenario.spec.control
+        self.policy = policy
+        self.perf = perf
+        self.hardware = dict(hardware)
+        self.place_fn = place_fn
+        self.state_factory = state_factory
+        self.wall_clock = wall_clock
+        self.nodes: dict[str, SimNode] = {n.name: n for n in build_nodes(self.spec)}
+        missing = sorted({n.hardware for n in self.nodes.values()} - set(self.hardware))
+        if missing:
+            raise ValueError(f"no hardware type for {', '.join(missing)} (known: {', '.join(sorted(self.hardware))})")
+        self.devices_total: Counter[str] = Counter()
+        for node in self.nodes.values():
+            self.devices_total[node.hardware] += node.devices
+        stage_items: dict[str, dict[str, float]] = {}
+        for (workflow, stage), count in scenario.items.items():
+            stage_items.setdefault(workflow, {})[stage] = count
+        self.stage_items = stage_items
+        self.judge = SloJudge(scenario.workflows, scenario.catalog, perf, self.hardware, set(self.devices_total),
+                              stage_items, slo, service_time_factor=self.control.service_time_factor)
+        self.service = ServiceModel(self.judge, self.control.max_utilization)
+        self.arrivals = generate_arrivals(self.spec.trace, self.spec.duration_s, self.spec.step_s, self.spec.seed)
+        self.peak_rates = self.arrivals.peak_rates()
+        self.reconciler = Reconciler(ReconcilerConfig(command_timeout_s=30.0,
+                                                      drain_timeout_s=max(self.control.drain_s, 1e-3)),
+                                     command_prefix="sim-")
+        self.agents = SimAgents(self.nodes, executors=dict(scenario.catalog), device_memory_bytes={
+            name: hw.memory_bytes for name, hw in self.hardware.items() if hw.kind == "gpu"})
+        self.limits = PlacementLimits(
+            rack_power_budget_w={rack: w for rack, w in rack_budgets(self.spec).items() if w is not None},
+            ambient_c=self.spec.cluster.ambient_c)
+        # plan state
+        self.desired: dict[str, PlacedComponent] = {}
+        self.plan: tuple[PlacedComponent, ...] = ()  # the latest placement (without retained components)
+        self.active: Solution | None = None  # routes requests
+        self.rollout: _Rollout | None = None
+        self.routes: RouteTable | None = None
+        self.first_plan = True
+        # counters kept incrementally (see _track)
+        self.groups: Counter[tuple[InstanceConfig, str]] = Counter()
+        self.gpu_holders: Counter[tuple[str, int]] = Counter()
+        self.shared_idle_w = 0.0  # idle power counted twice for GPUs that several components share
+        self.utilization: dict[InstanceConfig, float] = {}  # pool occupancy in the current step
+        self.window_util: dict[InstanceConfig, list[float]] = {}
+        self.window_start_s = 0.0
+        self.window_steps: list[int] = []
+        self._point_cache: dict[tuple[str, float, float], float] = {}
+        self._perf_cache: dict[InstanceConfig, Any] = {}
+        self._node_state_cache: dict[str, NodeState] = {}
+        self._dirty_nodes: set[str] = set(self.nodes)
+        # accounting
+        tiers = tuple(f"{d}:{t}" for d in SLO_DIMENSIONS for t in SLO_TIERS)
+        self.recorder = Recorder(tiers=tiers)
+        self.now_s = 0.0
+        self._last_s = 0.0
+        self._power: tuple[float, float, float] | None = None
+        self._heap: list[tuple[float, int, int, Any]] = []
+        self._seq = itertools.count()
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def _push(self, at_s: float, kind: int, payload: Any = None) -> None:
+        heapq.heappush(self._heap, (at_s, kind, next(self._seq), payload))
+
+    def run(self) -> dict[str, Any]:
+        started = self.wall_clock()
+        duration = self.spec.duration_s
+        for name in sorted(self.nodes):
+            self._feed(NodeReport(name, True, (), 0.0), 0.0)
+        tick_s = getattr(self.policy, "tick_s", self.control.reactive_interval_s)
+        t = 0.0
+        while t < duration - 1e-9:
+            self._push(t, DECIDE)
+            if not math.isfinite(tick_s) or tick_s <= 0:
+                break  # a policy that decides once (static)
+            t += tick_s
+        for k in range(self.arrivals.steps):
+            self._push(k * self.spec.step_s, STEP, k)
+        while self._heap:
+            at_s, kind, _, payload = heapq.heappop(self._heap)
+            if at_s >= duration:
+                break
+            self._advance(at_s)
+            if kind == TIMER:
+                self._on_timer(payload, at_s)
+            elif kind == DECIDE:
+                self._decide(at_s)
+            else:
+                self._step(payload, at_s)
+        self._advance(duration)
+        wall_s = self.wall_clock() - started
+        extra = {
+            "duration_s": duration,
+            "nodes": len(self.nodes),
+            "devices": dict(sorted(self.devices_total.items())),
+            "components_started": self.agents.starts,
+            "components_stopped": self.agents.stops,
+            "starts_refused": self.agents.refused,
+            "epoch_s": _finite(getattr(self.policy, "epoch_s", None)),  # None: plans once
+            "tick_s": _finite(tick_s),
+        }
+        return self.recorder.report(scenario=self.scenario.name, policy=getattr(self.policy, "name", "?"),
+                                    seed=self.spec.seed, sim_wall_s=wall_s, extra=extra)
+
+    # --- energy, GPU-hours and cost ----------------------------------------------------------------
+
+    def _advance(self, to_s: float) -> None:
+        dt = to_s - self._last_s
+        if dt > 0:
+            alloc_w, fleet_w, cost_per_s = self._power_now()
+            self.recorder.energy_j += alloc_w * dt
+            self.recorder.fleet_energy_j += fleet_w * dt
+            self.recorder.gpu_seconds += len(self.gpu_holders) * dt
+            self.recorder.cost_usd += cost_per_s * dt
+        self._last_s = max(self._last_s, to_s)
+        self.now_s = to_s
+
+    def _device_busy_w(self, hardware: str, utilization: float, cap_w: float | None) -> float:
+        """Power of one GPU while it serves (at the executor's utilization, under its cap), steady temperature."""
+        spec = GPU_SPECS[hardware]
+        limit_w = spec.power_limit_default_w if cap_w is None else cap_w
+        key = (hardware, round(utilization, 4), limit_w)
+        if key not in self._point_cache:
+            ambient = self.spec.cluster.ambient_c
+            first = operating_point(spec, utilization, limit_w, ambient)
+            steady_c = ambient + first.power_w * spec.thermal_resistance_k_per_w
+            self._point_cache[key] = operating_point(spec, utilization, limit_w, steady_c).power_w
+        return self._point_cache[key]
+
+    def _instance_perf(self, config: InstanceConfig) -> Any:
+        if config not in self._perf_cache:
+            exe = self.scenario.catalog[config.executor]
+            self._perf_cache[config] = self.perf.perf(exe, config, exe.knob_defaults(), 1.0)
+        return self._perf_cache[config]
+
+    def _power_now(self) -> tuple[float, float, float]:
+        """(allocated W, fleet W, USD per second) for the present components and pool occupancy."""
+        if self._power is not None:
+            return self._power
+        alloc_w = 0.0
+        gpu_dynamic_w = 0.0
+        cpu_dynamic_w = 0.0
+        cost_per_h = 0.0
+        for (config, state), count in self.groups.items():
+            if count <= 0:
+                continue
+            hw = self.hardware[config.hardware]
+            exe = self.scenario.catalog[config.executor]
+            if hw.kind == "gpu":
+                idle_w = config.tp * hw.idle_power_w
+                if state == "ready":
+                    rho = self.utilization.get(config, 0.0)
+                    u_exec = exe.sim.utilization if exe.sim is not None else 0.8
+                    busy_w = config.tp * self._device_busy_w(config.hardware, u_exec, config.power_cap_w)
+                    instance_w = (1.0 - rho) * idle_w + rho * busy_w
+                else:
+                    instance_w = idle_w  # loading weights or draining: counted at idle
+                alloc_w += count * instance_w
+                gpu_dynamic_w += count * (instance_w - idle_w)
+                cost_per_h += count * config.tp * hw.price_per_hour_usd
+            else:
+                perf = self._instance_perf(config)
+                idle_w = perf.idle_power_w if perf is not None else 0.0
+                busy_w = perf.busy_power_w if perf is not None else 0.0
+                rho = self.utilization.get(config, 0.0) if state == "ready" else 0.0
+                instance_w = idle_w + rho * (busy_w - idle_w)
+                alloc_w += count * instance_w
+                cpu_dynamic_w += count * (instance_w - idle_w)
+                share = min(1.0, exe.resources.cpu_cores / hw.cores) if hw.cores > 0 else 1.0
+                cost_per_h += count * share * hw.price_per_hour_usd
+        alloc_w -= self.shared_idle_w  # a shared GPU idles once; its components add their dynamic power
+        fleet_w = gpu_dynamic_w + cpu_dynamic_w
+        for name, count in self.devices_total.items():
+            hw = self.hardware[name]
+            fleet_w += count * hw.idle_power_w
+        self._power = (alloc_w, fleet_w, cost_per_h / 3600.0)
+        return self._power
+
+    def _track(self, comp: SimComponent, old_state: str | None, new_state: str | None,
+               old_config: InstanceConfig | None = None) -> None:
+        """Keep the (config, state) counts and the held GPUs in step with a component change."""
+        if old_state is not None:
+            self.groups[(old_config or comp.config, old_state)] -= 1
+        if new_state is not None:
+            self.groups[(comp.config, new_state)] += 1
+        hw = self.hardware[comp.config.hardware]
+        if hw.kind == "gpu" and old_state is None and new_state is not None:
+            for index in comp.device_indexes:
+                self.gpu_holders[(comp.node, index)] += 1
+                if self.gpu_holders[(comp.node, index)] >= 2:
+                    self.shared_idle_w += hw.idle_power_w
+        if hw.kind == "gpu" and new_state is None and old_state is not None:
+            for index in comp.device_indexes:
+                key = (comp.node, index)
+                if self.gpu_holders[key] >= 2:
+                    self.shared_idle_w -= hw.idle_power_w
+                self.gpu_holders[key] -= 1
+                if self.gpu_holders[key] <= 0:
+                    del self.gpu_holders[key]
+        self._power = None
+        self._dirty_nodes.add(comp.node)
+
+    # --- the reconciler and the agents ------------------------------------------------------------
+
+    def _feed(self, event: Any, now_s: float) -> None:
+        """Hand an event to the reconciler and carry out its commands until it has nothing more to say."""
+        queue = [event]
+        while queue:
+            actions = self.reconciler.handle(queue.pop(0))
+            changed: list[str] = []
+            for action in actions:
+                if isinstance(action, SendStart):
+                    ok, message = self._start(action, now_s)
+                elif isinstance(action, SendStop):
+                    ok, message = self._stop(action, now_s)
+                else:
+                    raise TypeError(f"the simulated agents cannot carry out {type(action).__name__}")
+                queue.append(CommandDone(action.command_id, ok, message, now_s))
+                if ok and action.node not in changed:
+                    changed.append(action.node)
+            for node in changed:
+                queue.append(NodeReport(node, True, self.agents.reports(node), now_s))
+
+    def _start(self, action: SendStart, now_s: float) -> tuple[bool, str]:
+        exe = self.scenario.catalog.get(action.executor)
+        if exe is None:
+            return False, f"unknown executor {action.executor!r}"
+        placed = self.desired.get(action.component_id)
+        cap = placed.power_limit_w if placed is not None and placed.node == action.node else None
+        node = self.nodes[action.node]
+        config = config_of(PlacedComponent(action.component_id, action.executor, action.node,
+                                           action.device_indexes, cap), node, exe)
+        perf = self._instance_perf(config)
+        if perf is not None:
+            memory = perf.memory_bytes_per_device
+        else:
+            memory = math.ceil(max(exe.resources.gpu_memory_bytes, exe.sim.memory_bytes if exe.sim else 0)
+                               / max(1, len(action.device_indexes)))
+        delay = 0.0 if self.first_plan and self.control.warm_start else startup_s(self.spec, exe)
+        ok, message, timer = self.agents.start(action.node, action.component_id, exe, action.device_indexes, config,
+                                               memory, now_s, delay)
+        if timer is not None:
+            self._track(self.agents.components[action.node][action.component_id], None, "starting")
+            self._push(timer.at_s, TIMER, timer)
+        return ok, message
+
+    def _stop(self, action: SendStop, now_s: float) -> tuple[bool, str]:
+        comp = self.agents.components.get(action.node, {}).get(action.component_id)
+        old = comp.state if comp is not None else None
+        ok, message, timer = self.agents.stop(action.node, action.component_id, now_s, self.control.drain_s)
+        if timer is not None and comp is not None:
+            self._track(comp, old, "draining")
+            self._push(timer.at_s, TIMER, timer)
+        return ok, message
+
+    def _on_timer(self, timer: Timer, now_s: float) -> None:
+        comp = self.agents.components.get(timer.node, {}).get(timer.component_id)
+        old = comp.state if comp is not None else None
+        if not self.agents.fire(timer, now_s):
+            return
+        self._track(comp, old, "ready" if timer.kind == "ready" else None)  # type: ignore[arg-type]
+        self._feed(NodeReport(timer.node, True, self.agents.reports(timer.node), now_s), now_s)
+        self._maybe_switch(now_s)
+
+    # --- decisions ---------------------------------------------------------------------------------
+
+    def _observed(self, now_s: float) -> dict[Demand, float]:
+        """Arrival rate per demand over the steps since the last decision (at time 0: the current rate)."""
+        if not self.window_steps:
+            return {d: float(r) for d, r in zip(self.arrivals.demands, self.arrivals.expected_rps[0])}
+        counts = self.arrivals.counts[self.window_steps].sum(axis=0)
+        width_s = max(now_s - self.window_start_s, self.spec.step_s)
+        return {d: float(c) / width_s for d, c in zip(self.arrivals.demands, counts)}
+
+    def _instances_now(self) -> dict[InstanceConfig, int]:
+        counts: Counter[InstanceConfig] = Counter()
+        for comp in self.plan:
+            live = self.agents.components.get(comp.node, {}).get(comp.component_id)
+            if live is not None and live.state in ("starting", "ready"):
+                counts[live.config] += 1
+        return dict(counts)
+
+    def _decide(self, now_s: float) -> None:
+        self._feed(Tick(now_s), now_s)
+        observed = self._observed(now_s)
+        utilization = {c: float(np.mean(v)) for c, v in self.window_util.items() if v}
+        state = self.state_factory(hardware=self.hardware, devices_available=dict(self.devices_total),
+                                   instances=self._instances_now(), utilization=utilization,
+                                   peak_rates=dict(self.peak_rates))
+        started = self.wall_clock()
+        decision = self.policy.decide(now_s, observed, state)
+        self.window_steps = []
+        self.window_util = {}
+        self.window_start_s = now_s
+        self.recorder.decisions += 1
+        if decision is None:
+            return
+        kind = "reactive" if "reactive" in decision.reason.lower() else "plan"
+        solution = decision.solution
+        if kind == "plan":
+            self.recorder.plan_statuses[solution.status] = self.recorder.plan_statuses.get(solution.status, 0) + 1
+        if solution.status.startswith("error") or (not solution.instances and solution.unserved):
+            # A failed plan would stop everything; a controller keeps running the last good one.
+            self.recorder.event(now_s, "plan refused", {"status": solution.status, "reason": decision.reason})
+            self.recorder.timing(kind, self.wall_clock() - started, 0.0)
+            return
+        placed_at = self.wall_clock()
+        changed = self._apply(solution, now_s)
+        done = self.wall_clock()
+        self.recorder.timing(kind, done - started, done - placed_at)
+        if changed:
+            self.recorder.plan_changes += 1
+
+    def _node_states(self) -> list[NodeState]:
+        """What placement sees: devices with the memory live components hold and the caps set on them.
+
+        Telemetry (temperature, power) is left out: placement then predicts temperatures from its
+        thermal model at the planned power, which is what the simulated devices settle at.
+        """
+        for name in self._dirty_nodes:
+            node = self.nodes[name]
+            labels = {"rack": node.rack} if node.rack else {}
+            if node.hardware == "cpu":
+                devices = (DeviceState(index=0, kind="cpu", model="CPU (simulated)", hardware="cpu", simulated=True,
+                                       memory_total_bytes=node.memory_bytes),)
+            else:
+                spec = GPU_SPECS[node.hardware]
+                total = self.agents.device_memory_bytes.get(node.hardware, spec.memory_total_bytes)
+                devices = tuple(
+                    DeviceState(index=i, kind="gpu", model=f"{spec.name} (simulated)", hardware=node.hardware,
+                                simulated=True, memory_total_bytes=total,
+                                memory_used_bytes=min(total, self.agents.memory_used_bytes(name, i)),
+                                power_limit_w=self.agents.power_limits_w.get((name, i), spec.power_limit_default_w),
+                                power_limit_min_w=spec.power_limit_min_w, power_limit_max_w=spec.tdp_w,
+                                power_limit_default_w=spec.power_limit_default_w)
+                    for i in range(node.devices))
+            self._node_state_cache[name] = NodeState(name=name, schedulable=True, devices=devices,
+                                                     cpu_cores=node.cpu_cores, memory_total_bytes=node.memory_bytes,
+                                                     labels=labels)
+        self._dirty_nodes.clear()
+        return [self._node_state_cache[n] for n in sorted(self.nodes)]
+
+    def _place(self, solution: Solution, current: list[PlacedComponent]) -> PlacementResult:
+        return self.place_fn(solution.instances, self._node_states(), self.scenario.catalog, current, self.limits,
+                             perf=self.perf, hardware=self.hardware)
+
+    def _config_of(self, comp: PlacedComponent) -> InstanceConfig:
+        return config_of(comp, self.nodes[comp.node], self.scenario.catalog[comp.executor])
+
+    def _apply(self, solution: Solution, now_s: float) -> bool:
+        """Place a new solution and hand the components to the reconciler; True when anything changed."""
+        current = sorted(self.desired.values(), key=lambda c: c.component_id)
+        result = self._place(solution, current)
+        routing_changes = self.active is None or RouteTable.routing_of(self.active) != \
+            RouteTable.routing_of(solution)
+        retained: list[PlacedComponent] = []
+        if routing_changes and self.active is not None:
+            kept_ids = {c.component_id for c in result.components}
+            serving = set(self.active.instances)
+            dropped = [c for c in current if c.component_id not in kept_ids and self._config_of(c) in serving]
+            if dropped:
+                kept = [c for c in current if c.component_id in kept_ids]
+                second = self._place(solution, kept)
+                if sum(second.unplaced.values()) <= sum(result.unplaced.values()):
+                    result, retained = self._distinct_ids(second, dropped), dropped
+        if result.unplaced:
+            self.recorder.event(now_s, "unplaced", {f"{c.executor}@{c.hardware}x{c.tp}"
+                                                    f"{'' if c.power_cap_w is None else f'@{c.power_cap_w:g}W'}":
+                                                    f"{n}: {result.reasons.get(c, '')}"
+                                                    for c, n in sorted(result.unplaced.items(), key=str)})
+        before = dict(self.desired)
+        self.plan = result.components
+        desired = {c.component_id: c for c in result.components}
+        for comp in retained:
+            desired.setdefault(comp.component_id, comp)
+        self.desired = desired
+        if self.first_plan or not routing_changes:
+            self.active = solution
+            self.routes = None
+            self.rollout = None
+        else:
+            self.rollout = _Rollout(solution, self.rollout.since_s if self.rollout is not None else now_s)
+        changed = before != desired
+        if changed:
+            moved = self.agents.recap(desired)
+            if moved:
+                self._regroup()
+            self._feed(DesiredChanged(tuple(sorted(desired.values(), key=lambda c: c.component_id)), now_s), now_s)
+        self.first_plan = False
+        self._maybe_switch(now_s)
+        return changed or routing_changes
+
+    def _distinct_ids(self, result: PlacementResult, retained: list[PlacedComponent]) -> PlacementResult:
+        """New components must not take the id of a component that keeps running beside them."""
+        taken = {c.component_id for c in retained} | {c.component_id for c in self.agents.live()}
+        components = []
+        for comp in result.components:
+            if comp.component_id in {c.component_id for c in retained}:
+                n = 1
+                while f"{comp.component_id}-b{n}" in taken:
+                    n += 1
+                comp = replace(comp, component_id=f"{comp.component_id}-b{n}")
+                taken.add(comp.component_id)
+            components.append(comp)
+        return replace(result, components=tuple(components))
+
+    def _regroup(self) -> None:
+        """Rebuild the (config, state) counts after caps moved in place."""
+        self.groups = Counter()
+        for comp in self.agents.live():
+            self.groups[(comp.config, comp.state)] += 1
+        self._power = None
+        self._dirty_nodes |= set(self.agents.components)
+
+    def _maybe_switch(self, now_s: float) -> None:
+        """Route to the rolled-out plan once its pools are ready (or it waited too long); drop the old."""
+        if self.rollout is None:
+            return
+        placed: Counter[InstanceConfig] = Counter(self._config_of(c) for c in self.plan)
+        ready_ok = all(self.groups.get((config, "ready"), 0) >= n for config, n in placed.items())
+        if not ready_ok and now_s - self.rollout.since_s < self.control.switch_timeout_s:
+            return
+        self.active = self.rollout.solution
+        self.routes = None
+        self.rollout = None
+        self.window_util = {}
+        self.recorder.switches += 1
+        desired = {c.component_id: c for c in self.plan}
+        if desired != self.desired:
+            self.desired = desired
+            self._feed(DesiredChanged(tuple(sorted(desired.values(), key=lambda c: c.component_id)), now_s), now_s)
+
+    # --- service -----------------------------------------------------------------------------------
+
+    def _step(self, k: int, now_s: float) -> None:
+        self._maybe_switch(now_s)  # a rollout that timed out switches even when no component changed
+        width_s = min(self.spec.step_s, self.spec.duration_s - now_s)
+        counts = self.arrivals.counts[k]
+        if self.routes is None and self.active is not None:
+            self.routes = RouteTable.build(self.active, self.judge)
+        ready = {config: n for (config, state), n in self.groups.items() if state == "ready" and n > 0}
+        outcome: StepOutcome = self.service.evaluate(self.routes, self.arrivals.demands, counts, width_s, ready)
+        self.utilization = outcome.utilization
+        self._power = None
+        # What the policies see (like Kubernetes' HPA): offered load over the slots of every instance
+        # of a routed pool, starting ones included (they count as idle until ready). Pools of a plan
+        # being rolled out have no reading until routing switches to it (and the window restarts then),
+        # so no scaler resizes them on load that the old routing still carries.
+        routed = self.routes.pools_used() if self.routes is not None else []
+        rolling = set(self.rollout.solution.instances) if self.rollout is not None else set()
+        for config in routed:
+            if config in rolling:
+                continue  # its load still follows the old routing; a reading would mislead the scaler
+            n = self.groups.get((config, "ready"), 0) + self.groups.get((config, "starting"), 0)
+            if n > 0:
+                erlangs = outcome.offered_erlangs.get(config, 0.0)
+                rho = min(erlangs / (n * self.judge.slots(config)), MAX_REPORTED_UTILIZATION)
+                self.window_util.setdefault(config, []).append(rho)
+        self.window_steps.append(k)
+        load: dict[str, float] = {}
+        for demand, n in zip(self.arrivals.demands, counts):
+            load[demand.workflow] = load.get(demand.workflow, 0.0) + float(n) / width_s
+        for label, (arrived, served, met) in outcome.per_tier.items():
+            self.recorder.tier(label, arrived, served, met)
+        gpus_ready = sum(n * c.tp for (c, s), n in self.groups.items()
+                         if s == "ready" and self.hardware[c.hardware].kind == "gpu")
+        alloc_w, fleet_w, _ = self._power_now()
+        self.recorder.step(now_s, float(counts.sum()), outcome.served, outcome.met, len(self.gpu_holders), gpus_ready,
+                           alloc_w, fleet_w, load)
+
+
+__all__ = ["Simulator", "tier_label"]

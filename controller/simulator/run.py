@@ -1,0 +1,77 @@
+"""Wiring for one simulation run: hardware and perf model, the named policy, the report and plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+from controller.simulator.engine import Simulator
+from controller.simulator.report import write_plots, write_report
+from controller.simulator.scenario import POLICY_NAMES, Scenario
+from policies.baselines import EpochPolicy, MurakkabPolicy, PlanningInputs, StaticPolicy
+from policies.model import HardwareType, PerfModel, SloTargets
+from policies.perf_model import CatalogPerfModel, standard_hardware
+
+
+def scenario_hardware(scenario: Scenario) -> dict[str, HardwareType]:
+    """The standard hardware types with the scenario's overrides (prices, power)."""
+    hardware = standard_hardware()
+    for name, override in scenario.spec.hardware.items():
+        changes = {k: v for k, v in override.model_dump().items() if v is not None}
+        hardware[name] = dataclasses.replace(hardware[name], **changes)
+    return hardware
+
+
+def stage_items(scenario: Scenario) -> dict[str, dict[str, float]]:
+    items: dict[str, dict[str, float]] = {}
+    for (workflow, stage), count in scenario.items.items():
+        items.setdefault(workflow, {})[stage] = count
+    return items
+
+
+def planning_slo(margin: float) -> SloTargets:
+    """The SLO targets the MILP policies plan with: every latency factor shrunk by ``margin``.
+
+    The optimizer sizes pools on service times alone; waiting in a pool's queue comes on top. A
+    margin leaves that share of each bound for queueing. Requests are still judged against the
+    unshrunk targets. The static policy ignores latency targets (best accuracy, fastest GPU).
+    """
+    base = SloTargets()
+    keep = 1.0 - margin
+    return SloTargets(accuracy_slack=dict(base.accuracy_slack),
+                      latency_factor={tier: factor * keep for tier, factor in base.latency_factor.items()},
+                      default_latency_factor=base.default_latency_factor * keep)
+
+
+def build_policy(name: str, scenario: Scenario, perf: PerfModel) -> Any:
+    """One of the three policies, configured from the scenario's control section."""
+    control = scenario.spec.control
+    inputs = PlanningInputs(workflows=dict(scenario.workflows), catalog=dict(scenario.catalog), perf=perf,
+                            stage_items=stage_items(scenario), slo=planning_slo(control.latency_planning_margin))
+    tick_s = control.reactive_interval_s
+    if name == "static":
+        return StaticPolicy(inputs)
+    if name == "murakkab-epoch":
+        return EpochPolicy(inputs, epoch_s=control.epoch_s.get(name, 3600.0), tick_s=tick_s)
+    if name == "murakkab":
+        return MurakkabPolicy(inputs, epoch_s=control.epoch_s.get(name, 300.0), tick_s=tick_s)
+    raise ValueError(f"unknown policy {name!r} (policies: {', '.join(POLICY_NAMES)})")
+
+
+def run_simulation(scenario: Scenario, policy_name: str, out_dir: str | Path | None = None, *,
+                   plots: bool = True, policy: Any = None) -> tuple[dict[str, Any], Simulator]:
+    """Run one policy on a scenario; with ``out_dir``, write report.json and the PNG plots there."""
+    hardware = scenario_hardware(scenario)
+    perf = CatalogPerfModel(hardware)
+    policy = policy if policy is not None else build_policy(policy_name, scenario, perf)
+    sim = Simulator(scenario, policy, perf=perf, hardware=hardware)
+    report = sim.run()
+    if out_dir is not None:
+        started = time.perf_counter()
+        write_report(report, out_dir)
+        if plots:
+            write_plots(sim.recorder, out_dir, f"{scenario.name} / {report['policy']}")
+        report["write_s"] = time.perf_counter() - started
+    return report, sim

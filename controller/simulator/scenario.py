@@ -1,0 +1,438 @@
+"""Simulation scenarios: the cluster, the catalog and workflows, the request trace and the control settings.
+
+A scenario is a YAML document (``kind: Scenario``) validated with pydantic. Every problem is
+reported at once as ``ScenarioError`` with a field path (``spec.cluster.node_groups[1].hardware:
+unknown hardware 'h200' ...``), so an operator can fix a file in one pass. Catalog and workflow
+files are named relative to the scenario file and loaded with the same loaders the controller
+uses (``common.workflow.loader``), so a scenario can only reference what a real cluster accepts.
+
+The document:
+
+    apiVersion: murakkab.dev/v1
+    kind: Scenario
+    metadata: {name: day-mix, description: ...}
+    spec:
+      seed: 7                      # drives the arrivals (and nothing else)
+      duration_s: 86400
+      step_s: 60                   # arrivals are drawn and service evaluated per step
+      cluster:
+        ambient_c: 25
+        racks: [{name: r1, power_budget_w: 40000}]
+        node_groups:
+          - {name: h100, count: 40, hardware: h100, devices_per_node: 8, racks: [r1]}
+      hardware: {h100: {price_per_hour_usd: 4.0}}   # overrides of the standard hardware types
+      catalog: [{file: ../catalog/sim.yaml}, {file: ../catalog/cpu.yaml, engines: [tool]}]
+      workflows: [{file: ../workflows/rag-qa.yaml, items: {embed_passages: 20}}]
+      trace:
+        workflows: {rag-qa: {base_rps: 1, peak_rps: 4, peak_hour: 14}}
+        bursts: [{at_hour: 11, duration_s: 1200, multiplier: 2, workflows: [rag-qa]}]
+        tiers: {accuracy_share: 0.7, levels: {best: 0.25, good: 0.25, fair: 0.25, basic: 0.25}}
+      control: {reactive_interval_s: 60, startup: {base_s: 15, per_gb_s: 0.5, tool_s: 2}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from agent.devices.gpu_specs import GPU_SPECS
+from common.workflow.catalog import ExecutorSpec
+from common.workflow.loader import SpecError, load_catalog_file, load_workflow_file
+from common.workflow.spec import WorkflowSpec
+from policies.plan import SLO_TIERS
+
+API_VERSION = "murakkab.dev/v1"
+SCENARIO_KIND = "Scenario"
+MAX_NODES = 1000  # the scale the issue asks for; larger clusters need a faster placement first
+MAX_DURATION_S = 7 * 86400.0
+HARDWARE_NAMES = tuple(sorted(GPU_SPECS)) + ("cpu",)
+POLICY_NAMES = ("static", "murakkab-epoch", "murakkab")
+
+
+class ScenarioError(ValueError):
+    """Everything wrong with a scenario, one ``where: what`` line per problem."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        super().__init__(f"{source}: invalid scenario:\n" + "\n".join(f"  {p}" for p in self.problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- the cluster -----------------------------------------------------------------------------
+
+
+class RackSpec(_Strict):
+    name: str = Field(min_length=1, max_length=63)
+    power_budget_w: float | None = Field(None, gt=0, description="most the rack's GPUs may draw; None: unlimited")
+
+
+class NodeGroupSpec(_Strict):
+    """``count`` identical nodes, in the named ``racks`` (round-robin) or in racks of their own.
+
+    With ``rack_size`` the group fills racks ``{name}-r{n}`` of that many nodes each, every rack with
+    ``rack_power_budget_w`` (GPU power, as placement counts it); ``racks`` then must be empty.
+    """
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=40)
+    count: int = Field(ge=1, le=MAX_NODES)
+    hardware: str
+    devices_per_node: int = Field(8, ge=1, le=16, description="GPUs per node; for cpu nodes, CPU sockets")
+    cpu_cores: int = Field(64, ge=1, le=1024)
+    memory_bytes: int = Field(1 << 40, gt=0, description="host memory")
+    racks: list[str] = Field(default_factory=list)
+    rack_size: int | None = Field(None, ge=1, le=64, description="nodes per rack of the group's own racks")
+    rack_power_budget_w: float | None = Field(None, gt=0, description="budget of each of the group's own racks")
+
+    @model_validator(mode="after")
+    def _own_racks(self) -> "NodeGroupSpec":
+        if self.rack_size is not None and self.racks:
+            raise ValueError("racks: give either racks (shared, declared under cluster.racks) or rack_size "
+                             "(racks of the group's own), not both")
+        if self.rack_power_budget_w is not None and self.rack_size is None:
+            raise ValueError("rack_power_budget_w: needs rack_size (the group's own racks)")
+        return self
+
+    def rack_of(self, n: int) -> str | None:
+        """The rack of the group's n-th node."""
+        if self.rack_size is not None:
+            return f"{self.name}-r{n // self.rack_size:03d}"
+        return self.racks[n % len(self.racks)] if self.racks else None
+
+    @field_validator("hardware")
+    @classmethod
+    def _known_hardware(cls, value: str) -> str:
+        if value not in HARDWARE_NAMES:
+            raise ValueError(f"unknown hardware {value!r} (known: {', '.join(HARDWARE_NAMES)})")
+        return value
+
+
+class ClusterSpec(_Strict):
+    ambient_c: float = Field(25.0, ge=-20, le=60, description="inlet air or coolant temperature")
+    racks: list[RackSpec] = Field(default_factory=list)
+    node_groups: list[NodeGroupSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ClusterSpec":
+        names = [r.name for r in self.racks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"racks: rack names repeat: {sorted({n for n in names if names.count(n) > 1})}")
+        groups = [g.name for g in self.node_groups]
+        if len(set(groups)) != len(groups):
+            raise ValueError(f"node_groups: group names repeat: {sorted({n for n in groups if groups.count(n) > 1})}")
+        for i, group in enumerate(self.node_groups):
+            unknown = [r for r in group.racks if r not in names]
+            if unknown:
+                raise ValueError(f"node_groups[{i}].racks: unknown rack(s) {unknown} "
+                                 f"(declared racks: {', '.join(names) or 'none'})")
+        total = sum(g.count for g in self.node_groups)
+        if total > MAX_NODES:
+            raise ValueError(f"node_groups: {total} nodes in all; at most {MAX_NODES} are supported")
+        return self
+
+
+class HardwareOverride(_Strict):
+    price_per_hour_usd: float | None = Field(None, ge=0)
+    idle_power_w: float | None = Field(None, gt=0)
+    max_power_w: float | None = Field(None, gt=0)
+
+
+# --- what runs -------------------------------------------------------------------------------
+
+
+class CatalogRef(_Strict):
+    file: str = Field(min_length=1)
+    engines: list[Literal["vllm", "tool", "sim"]] | None = Field(None, description="keep only these engines")
+    executors: list[str] | None = Field(None, description="keep only these executors")
+
+
+class WorkflowRef(_Strict):
+    file: str = Field(min_length=1)
+    items: dict[str, float] = Field(default_factory=dict,
+                                    description="stage -> elements a mapped stage runs over (e.g. passages)")
+
+    @field_validator("items")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        for stage, count in value.items():
+            if not count >= 1:
+                raise ValueError(f"{stage}: items must be at least 1, got {count}")
+        return value
+
+
+# --- the request trace -------------------------------------------------------------------------
+
+
+class WorkflowLoad(_Strict):
+    """Diurnal load: a raised cosine from ``base_rps`` (at peak_hour +- 12 h) to ``peak_rps`` at ``peak_hour``."""
+
+    base_rps: float = Field(ge=0)
+    peak_rps: float = Field(gt=0)
+    peak_hour: float = Field(14.0, ge=0, lt=24)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "WorkflowLoad":
+        if self.base_rps > self.peak_rps:
+            raise ValueError(f"base_rps: {self.base_rps} is above peak_rps {self.peak_rps}")
+        return self
+
+
+class BurstSpec(_Strict):
+    at_hour: float = Field(ge=0)
+    duration_s: float = Field(gt=0)
+    multiplier: float = Field(gt=0)
+    workflows: list[str] | None = Field(None, description="workflows the burst hits; None: all")
+
+
+def _default_levels() -> dict[str, float]:
+    return {"best": 0.25, "good": 0.25, "fair": 0.25, "basic": 0.25}
+
+
+class TierMix(_Strict):
+    """Share of requests with an accuracy tier (the rest carry a latency tier), and how each spreads over levels."""
+
+    accuracy_share: float = Field(0.7, ge=0, le=1)
+    levels: dict[str, float] = Field(default_factory=_default_levels)
+    accuracy_levels: dict[str, float] | None = None  # overrides ``levels`` for accuracy tiers
+    latency_levels: dict[str, float] | None = None  # overrides ``levels`` for latency tiers
+
+    @model_validator(mode="after")
+    def _distributions(self) -> "TierMix":
+        for name in ("levels", "accuracy_levels", "latency_levels"):
+            dist = getattr(self, name)
+            if dist is None:
+                continue
+            unknown = [k for k in dist if k not in SLO_TIERS]
+            if unknown:
+                raise ValueError(f"{name}: unknown tier(s) {unknown} (tiers: {', '.join(SLO_TIERS)})")
+            if any(v < 0 for v in dist.values()):
+                raise ValueError(f"{name}: shares must not be negative")
+            total = sum(dist.values())
+            if not math.isclose(total, 1.0, abs_tol=1e-6):
+                raise ValueError(f"{name}: shares must sum to 1, got {total:g}")
+        return self
+
+    def distribution(self, dimension: str) -> dict[str, float]:
+        override = self.accuracy_levels if dimension == "accuracy" else self.latency_levels
+        return dict(override if override is not None else self.levels)
+
+
+class TraceSpec(_Strict):
+    workflows: dict[str, WorkflowLoad] = Field(min_length=1)
+    bursts: list[BurstSpec] = Field(default_factory=list)
+    tiers: TierMix = Field(default_factory=TierMix)
+
+
+# --- control -----------------------------------------------------------------------------------
+
+
+class StartupSpec(_Strict):
+    """Start-up delay of a component: model engines load weights, tools start quickly (estimates)."""
+
+    base_s: float = Field(15.0, ge=0, description="engine process start and warm-up")
+    per_gb_s: float = Field(0.5, ge=0, description="seconds per GB of device memory loaded (about 2 GB/s)")
+    tool_s: float = Field(2.0, ge=0, description="start-up of tool components")
+
+
+class ControlSpec(_Strict):
+    reactive_interval_s: float = Field(60.0, gt=0, description="how often policies are asked for a decision")
+    epoch_s: dict[str, float] = Field(default_factory=dict, description="policy name -> planning epoch override")
+    startup: StartupSpec = Field(default_factory=StartupSpec)
+    drain_s: float = Field(5.0, ge=0, description="a stopped component holds its devices this long")
+    switch_timeout_s: float = Field(600.0, gt=0, description="longest an old plan serves while a new one starts")
+    max_utilization: float = Field(0.98, gt=0, le=1, description="pools shed load above this occupancy")
+    warm_start: bool = Field(True, description="the first plan's components are ready at time 0")
+    service_time_factor: float = Field(
+        1.0, gt=0, le=10, description="true service times are the perf model's times this (1.1: the model the "
+                                      "planners use is 10 % optimistic); for sensitivity to model error")
+    latency_planning_margin: float = Field(
+        0.0, ge=0, lt=1, description="share of every latency bound the MILP policies keep free for queueing: they "
+                                     "plan against (1 - margin) x the bound; requests are judged against the bound")
+
+    @field_validator("epoch_s")
+    @classmethod
+    def _known_policies(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, epoch in value.items():
+            if name not in POLICY_NAMES:
+                raise ValueError(f"{name}: unknown policy (policies: {', '.join(POLICY_NAMES)})")
+            if not epoch > 0:
+                raise ValueError(f"{name}: epoch must be positive, got {epoch}")
+        return value
+
+
+class ScenarioSpecModel(_Strict):
+    seed: int = 0
+    duration_s: float = Field(86400.0, gt=0, le=MAX_DURATION_S)
+    step_s: float = Field(60.0, ge=1, le=3600)
+    cluster: ClusterSpec
+    hardware: dict[str, HardwareOverride] = Field(default_factory=dict)
+    catalog: list[CatalogRef] = Field(min_length=1)
+    workflows: list[WorkflowRef] = Field(min_length=1)
+    trace: TraceSpec
+    control: ControlSpec = Field(default_factory=ControlSpec)
+
+    @field_validator("hardware")
+    @classmethod
+    def _known_hardware(cls, value: dict[str, HardwareOverride]) -> dict[str, HardwareOverride]:
+        for name in value:
+            if name not in HARDWARE_NAMES:
+                raise ValueError(f"{name}: unknown hardware (known: {', '.join(HARDWARE_NAMES)})")
+        return value
+
+    @model_validator(mode="after")
+    def _times(self) -> "ScenarioSpecModel":
+        if self.step_s > self.duration_s:
+            raise ValueError(f"step_s: {self.step_s} is longer than duration_s {self.duration_s}")
+        for i, burst in enumerate(self.trace.bursts):
+            if burst.at_hour * 3600.0 >= self.duration_s:
+                raise ValueError(f"trace.bursts[{i}].at_hour: {burst.at_hour} h is past the end of the scenario "
+                                 f"({self.duration_s / 3600.0:g} h)")
+        return self
+
+
+class ScenarioMetadata(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=63)
+    description: str = ""
+
+
+class ScenarioDocument(_Strict):
+    apiVersion: Literal["murakkab.dev/v1"]
+    kind: Literal["Scenario"]
+    metadata: ScenarioMetadata
+    spec: ScenarioSpecModel
+
+
+# --- the loaded scenario -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A validated scenario with its catalog and workflows loaded."""
+
+    name: str
+    description: str
+    source: str
+    spec: ScenarioSpecModel
+    catalog: dict[str, ExecutorSpec]
+    workflows: dict[str, WorkflowSpec]
+    items: dict[tuple[str, str], float] = field(default_factory=dict)  # (workflow, stage) -> elements
+
+    @property
+    def seed(self) -> int:
+        return self.spec.seed
+
+    def with_seed(self, seed: int) -> "Scenario":
+        """The same scenario with another seed (another draw of the same trace)."""
+        return dataclasses.replace(self, spec=self.spec.model_copy(update={"seed": int(seed)}))
+
+
+def _pydantic_problems(exc: ValidationError) -> list[str]:
+    problems = []
+    for error in exc.errors(include_url=False):
+        path = ""
+        for part in error["loc"]:
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["type"] == "missing":
+            message = "missing required key"
+        elif error["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif error["type"] not in ("value_error",):
+            message = f"{message}, got {error.get('input')!r}"
+        problems.append(f"{path}: {message}" if path else message)
+    return problems
+
+
+def parse_scenario(data: Any, source: str = "<scenario>", base_dir: str | Path = ".",
+                   with_files: bool = True) -> Scenario:
+    """Validate a scenario document; load its catalog and workflow files relative to ``base_dir``."""
+    if not isinstance(data, dict):
+        raise ScenarioError(source, [f"expected a Scenario document (a mapping), got {type(data).__name__}"])
+    try:
+        doc = ScenarioDocument.model_validate(data)
+    except ValidationError as exc:
+        raise ScenarioError(source, _pydantic_problems(exc)) from None
+    spec = doc.spec
+    problems: list[str] = []
+    catalog: dict[str, ExecutorSpec] = {}
+    workflows: dict[str, WorkflowSpec] = {}
+    items: dict[tuple[str, str], float] = {}
+    base = Path(base_dir)
+    if with_files:
+        for i, ref in enumerate(spec.catalog):
+            try:
+                executors = load_catalog_file(base / ref.file)
+            except SpecError as exc:
+                problems.append(f"spec.catalog[{i}].file: {ref.file}: {exc}")
+                continue
+            names = {e.name for e in executors}
+            for name in ref.executors or []:
+                if name not in names:
+                    problems.append(f"spec.catalog[{i}].executors: {ref.file} has no executor {name!r}")
+            for exe in executors:
+                if ref.engines is not None and exe.engine not in ref.engines:
+                    continue
+                if ref.executors is not None and exe.name not in ref.executors:
+                    continue
+                if exe.name in catalog:
+                    problems.append(f"spec.catalog[{i}]: executor {exe.name!r} is defined twice")
+                catalog[exe.name] = exe
+        for i, ref in enumerate(spec.workflows):
+            try:
+                workflow = load_workflow_file(base / ref.file)
+            except SpecError as exc:
+                problems.append(f"spec.workflows[{i}].file: {ref.file}: {exc}")
+                continue
+            if workflow.name in workflows:
+                problems.append(f"spec.workflows[{i}]: workflow {workflow.name!r} is listed twice")
+            workflows[workflow.name] = workflow
+            stages = {s.name: s for s in workflow.stages}
+            for stage_name, count in ref.items.items():
+                if stage_name not in stages:
+                    problems.append(f"spec.workflows[{i}].items.{stage_name}: workflow {workflow.name!r} has no "
+                                    f"stage {stage_name!r} (stages: {', '.join(stages)})")
+                    continue
+                items[(workflow.name, stage_name)] = float(count)
+            tasks = {e.task for e in catalog.values()}
+            for stage in workflow.stages:
+                if stage.task not in tasks:
+                    problems.append(f"spec.workflows[{i}]: stage {stage.name!r} of {workflow.name!r} needs task "
+                                    f"{stage.task!r}, which no executor in the scenario's catalog performs")
+        for name in spec.trace.workflows:
+            if name not in workflows and not problems:
+                problems.append(f"spec.trace.workflows.{name}: not one of the scenario's workflows "
+                                f"({', '.join(workflows)})")
+        for i, burst in enumerate(spec.trace.bursts):
+            for name in burst.workflows or []:
+                if name not in spec.trace.workflows:
+                    problems.append(f"spec.trace.bursts[{i}].workflows: {name!r} has no load in trace.workflows")
+    hardware_used = {g.hardware for g in spec.cluster.node_groups}
+    if not hardware_used - {"cpu"}:
+        problems.append("spec.cluster.node_groups: the cluster has no GPU nodes")
+    if problems:
+        raise ScenarioError(source, problems)
+    return Scenario(name=doc.metadata.name, description=doc.metadata.description, source=source, spec=spec,
+                    catalog=catalog, workflows=workflows, items=items)
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read, validate and resolve a scenario file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScenarioError(str(path), [f"cannot read the file: {exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ScenarioError(str(path), [f"not valid YAML: {exc}"]) from None
+    return parse_scenario(data, str(path), path.parent)
