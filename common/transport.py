@@ -145,11 +145,11 @@ class RpcEndpoint:
         """Send a request and await its reply; an ``error`` reply raises RemoteError."""
         request_id = next(self._ids)
         key = (peer, request_id)
+        payload = encode(msg, request_id)  # before registering: a message that cannot be sent leaves nothing behind
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         future: asyncio.Future[Any] = loop.create_future()
         self._pending[key] = future
-        payload = encode(msg, request_id)
         # A timer rather than asyncio.wait_for: on Python 3.11 wait_for can swallow a cancellation
         # that races with its timeout, and a daemon asked to stop would then keep running.
         expired = RequestTimeout(f"no reply to {msg.op} within {timeout_s:g}s")

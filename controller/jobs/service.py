@@ -117,6 +117,9 @@ class WorkloadService:
             except SpecError as exc:
                 log.error("stored workflow %s v%d no longer validates; ignored: %s", stored.name, stored.version, exc)
         now = self.c.clock()
+        failed = self.store.fail_running_invocations("the controller restarted while it ran; the job resumes")
+        if failed:
+            log.info("%d invocations were running when the controller stopped; marked failed", failed)
         if self.c.registry.nodes:  # a restart: give the known nodes time to report what they run
             self._grace_until_s = now + self.config.restart_grace_s
         for name in self.workflows:
@@ -132,12 +135,16 @@ class WorkloadService:
                 self._finish_job(job.job_id, "failed", f"cannot resume after a controller restart: {exc}", None)
                 continue
             log.info("resuming job %s (%s) with %d completed stages", job.job_id, job.workflow, len(restored))
-            self.perform(self.executor.handle(jx.JobSubmitted(job.job_id, spec, job.inputs, choices, now,
+            # The job's clock keeps running across restarts: its timeout counts from its submission.
+            submitted_s = now - max(0.0, time.time() - job.submitted_at_unix_s)
+            self.perform(self.executor.handle(jx.JobSubmitted(job.job_id, spec, job.inputs, choices, submitted_s,
                                                               restored=restored)))
 
     # --- the clock and the heartbeats ------------------------------------------------------
 
     def tick(self, now_s: float) -> None:
+        # The executor's clock first: job, queue and invocation timeouts must fire even if planning fails.
+        self.perform(self.executor.handle(jx.Tick(now_s)))
         self._expire_demands(now_s)
         nodes_key = tuple((n.name, n.liveness, n.admin_state, n.generation) for n in self.c.registry.nodes.values())
         if nodes_key != self._nodes_key:
@@ -147,12 +154,10 @@ class WorkloadService:
                 if node.liveness is not Liveness.READY:
                     self._node_report(node.name, False, self.reports.get(node.name, ()), now_s)
         if self.in_restart_grace(now_s):
-            self.perform(self.executor.handle(jx.Tick(now_s)))
             return
         if self._replan_needed or now_s >= self._replan_at_s:
             self.replan(now_s)
         self.perform(self.reconciler.handle(rc.Tick(now_s)))
-        self.perform(self.executor.handle(jx.Tick(now_s)))
         self._apply_power_limits(now_s)
 
     def _apply_power_limits(self, now_s: float) -> None:
@@ -270,7 +275,7 @@ class WorkloadService:
     def replan(self, now_s: float) -> Plan:
         self._replan_needed = False
         workflows = {name: spec for name, (_, spec) in self.workflows.items()}
-        demands = sorted(self.demands, key=repr)
+        demands = sorted(set(self.demands) | set(self._job_demands.values()), key=repr)
         if self.optimizing is not None:
             self._replan_at_s = now_s + self.config.planning_epoch_s
             profiler = getattr(self.c, "profiler", None)
@@ -380,6 +385,12 @@ class WorkloadService:
         except ProtocolError as exc:  # e.g. the stage's inputs do not fit a frame
             event = jx.InvocationFailed(d.invocation_id, exc.code, f"stage inputs cannot be sent: {exc.message}",
                                         False, self.c.clock())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug or an unexpected transport error: fail fast instead of timing out
+            log.exception("invocation %s failed unexpectedly", d.invocation_id)
+            event = jx.InvocationFailed(d.invocation_id, "internal", f"{type(exc).__name__}: {exc}", True,
+                                        self.c.clock())
         else:
             if result.ok:
                 self._save_row(row, "succeeded", result=result)
@@ -506,6 +517,11 @@ class WorkloadService:
     def delete_workflow(self, name: str) -> Any:
         if name not in self.workflows:
             return self._unknown_workflow(name)
+        live = sorted(job_id for job_id, demand in self._job_demands.items() if demand.workflow == name)
+        if live:
+            shown = ", ".join(live[:5]) + (f" and {len(live) - 5} more" if len(live) > 5 else "")
+            return ErrorReply("workflow_in_use", f"workflow {name} has {len(live)} unfinished job(s) ({shown}); "
+                                                 "cancel them or wait for them to end, then delete it")
         versions = self.store.delete_workflow(name)
         del self.workflows[name]
         self._replan_needed = True
@@ -532,15 +548,21 @@ class WorkloadService:
         if problem is not None:
             return problem
         now = self.c.clock()
+        if self.in_restart_grace(now):  # a plan now would see only the nodes that came back so far
+            return ErrorReply("unavailable", "the controller restarted moments ago and is waiting for its nodes to "
+                                             "report what they run; retry shortly")
         demand = Demand.of(msg.workflow, dict(msg.slo))
-        if demand not in self.plan.choices:
+        if self._replan_needed or demand not in self.plan.choices:  # e.g. a workflow or catalog just applied
+            new_demand = demand not in self.demands
             self.demands[demand] = now
             self.replan(now)
+        else:
+            new_demand = False
         if demand not in self.plan.choices:
             reason = self.plan.unsatisfiable.get(demand, "the planner found no executors for it")
-            if demand.slo:
+            if new_demand and demand.slo and demand not in set(self._job_demands.values()):
                 del self.demands[demand]
-            if self.in_restart_grace(now) or not any(n.schedulable() for n in self.c.registry.nodes.values()):
+            if not any(n.schedulable() for n in self.c.registry.nodes.values()):
                 return ErrorReply("unavailable", f"no node can take work right now ({reason}); the controller "
                                                  "restarted recently or every node is unhealthy: retry shortly")
             return ErrorReply("unsatisfiable", f"workflow {msg.workflow} at SLO {dict(msg.slo) or 'default'} cannot "
@@ -592,7 +614,10 @@ class WorkloadService:
         if job is None:
             return ErrorReply("unknown_job", f"no job {job_id!r}")
         if job.state in ("queued", "running"):
-            self.perform(self.executor.handle(jx.CancelRequested(job_id, reason, self.c.clock())))
+            if job_id in self.executor.job_ids():
+                self.perform(self.executor.handle(jx.CancelRequested(job_id, reason, self.c.clock())))
+            else:  # stored unfinished but unknown to the executor (a failed write lost its end): end it now
+                self._finish_job(job_id, "cancelled", reason, None)
         return JobDetail(self.job_view(job_id))
 
     async def get_job(self, job_id: str, wait_s: float, include_outputs: bool) -> Any:
