@@ -20,9 +20,12 @@ step "Ask rag-qa a question about a small corpus (the first job waits for the vL
 $ctl run rag-qa --input question="Why does the clock speed drop when a GPU power cap is set?" \
   --input corpus=@examples/data/rag-corpus.jsonl --wait --timeout-s 900
 
-step "The same workflow at another SLO tier"
+step "A second question: the engines are warm now"
 $ctl run rag-qa --input question="What makes sourdough bread rise?" \
-  --input corpus=@examples/data/rag-corpus.jsonl --slo latency:best --wait --timeout-s 600
+  --input corpus=@examples/data/rag-corpus.jsonl --wait --timeout-s 600
+
+step "How the planner chose (plan show)"
+$ctl plan show
 
 step "Components the controller placed (real engines on cpu-node, simulated ones on the GPU nodes)"
 $ctl components
