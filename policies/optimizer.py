@@ -77,7 +77,7 @@ def _knob_key(knobs: Mapping[str, Any]) -> str:
     return json.dumps(knobs, sort_keys=True, default=str)
 
 
-def _settings(exe: ExecutorSpec, workflow: str) -> list[dict[str, Any]]:
+def knob_settings(exe: ExecutorSpec, workflow: str) -> list[dict[str, Any]]:
     """The default knob setting plus every setting a quality entry for this workflow names."""
     defaults = exe.knob_defaults()
     settings: list[dict[str, Any]] = [defaults]
@@ -92,7 +92,7 @@ def _settings(exe: ExecutorSpec, workflow: str) -> list[dict[str, Any]]:
     return settings
 
 
-def _accuracy(exe: ExecutorSpec, workflow: str, knobs: Mapping[str, Any]) -> float | None:
+def option_accuracy(exe: ExecutorSpec, workflow: str, knobs: Mapping[str, Any]) -> float | None:
     """Best quality entry for the workflow whose knobs all match; None (unknown) without one."""
     matching = [q.accuracy for q in exe.quality
                 if q.workflow == workflow and all(knobs.get(k) == v for k, v in q.knobs.items())]
@@ -180,8 +180,8 @@ def _stage_options(problem: Problem, workflow: Any, stage: Any, perf: _PerfCache
     for exe in candidates:
         configs, skipped = _configs(exe, problem)
         found = 0
-        for knobs in _settings(exe, workflow.name):
-            accuracy = _accuracy(exe, workflow.name, knobs)
+        for knobs in knob_settings(exe, workflow.name):
+            accuracy = option_accuracy(exe, workflow.name, knobs)
             if min_accuracy is not None and (accuracy is None or accuracy < min_accuracy - _EPS):
                 continue
             key = _knob_key(knobs)
@@ -250,7 +250,7 @@ def stage_options(problem: Problem, workflows: list[str]) -> dict[tuple[str, str
 # --- per demand: tiers, targets, pruning ------------------------------------------------------
 
 
-def _critical_path_s(stages: list[str], upstream: dict[str, list[str]], latency: Mapping[str, float]) -> float:
+def path_latency_s(stages: list[str], upstream: Mapping[str, list[str]], latency: Mapping[str, float]) -> float:
     finish: dict[str, float] = {}
     for s in stages:
         finish[s] = max((finish[u] for u in upstream[s]), default=0.0) + latency[s]
@@ -333,7 +333,7 @@ def _demand_options(problem: Problem, demand: Demand, rate: float,
     best = {s: min(o.latency_s for o in options[s]) for s in names}
     factor = problem.slo.latency_factor.get(tiers["latency"], problem.slo.default_latency_factor) \
         if "latency" in tiers else problem.slo.default_latency_factor
-    target_s = factor * _critical_path_s(names, upstream, best)
+    target_s = factor * path_latency_s(names, upstream, best)
     # Latency alone: the best path through the option must meet the target.
     head = {}
     for s in names:
@@ -363,7 +363,7 @@ def critical_path_s(workflow: Any, latency_s: Mapping[str, float]) -> float:
     """End-to-end latency of a workflow whose stages take these latencies (longest path of the DAG)."""
     names = workflow.topological_order()
     upstream = {s.name: [u for u in s.upstream() if u in names] for s in workflow.stages}
-    return _critical_path_s(names, upstream, latency_s)
+    return path_latency_s(names, upstream, latency_s)
 
 
 @dataclass
@@ -595,7 +595,7 @@ class _Model:
             for s in plan.stages:
                 for i in sorted(self.first_x[(d, s)], key=score):
                     latency = {k: self.x[j][2].latency_s for k, j in {**fastest, **picked, s: i}.items()}
-                    if _critical_path_s(plan.stages, plan.upstream, latency) > plan.target_s * (1 + 1e-9) + _EPS:
+                    if path_latency_s(plan.stages, plan.upstream, latency) > plan.target_s * (1 + 1e-9) + _EPS:
                         continue
                     if trial_ledger.add(self, i):
                         picked[s] = i
@@ -724,7 +724,7 @@ def _extract(problem: Problem, model: _Model, x: np.ndarray, status: str,
             continue
         choices[plan.demand] = {s: StageChoice(picks[s].executor, dict(picks[s].knobs)) for s in plan.stages}
         configs[plan.demand] = {s: picks[s].config for s in plan.stages}
-        latency_s = _critical_path_s(plan.stages, plan.upstream, {s: picks[s].latency_s for s in plan.stages})
+        latency_s = path_latency_s(plan.stages, plan.upstream, {s: picks[s].latency_s for s in plan.stages})
         known = [picks[s].accuracy for s in plan.stages if picks[s].accuracy is not None]
         accuracy = sum(known) / len(known) if known else None  # type: ignore[arg-type]
         predicted[plan.demand] = PredictedDemand(latency_s=latency_s, latency_target_s=plan.target_s,

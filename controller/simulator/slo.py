@@ -29,7 +29,7 @@ from typing import Any
 
 from common.workflow.catalog import ExecutorSpec
 from policies.model import HardwareType, InstanceConfig, Perf, PerfModel, SloTargets
-from policies.optimizer import MAX_TP_SCALE
+from policies.optimizer import MAX_TP_SCALE, knob_settings, option_accuracy, path_latency_s  # the optimizer's rules
 from policies.perf_model import model_memory_bytes
 from policies.plan import Demand, StageChoice
 
@@ -45,35 +45,6 @@ class StageCost:
     service_s: float  # one invocation, no waiting
     latency_s: float  # the stage, no waiting: waves of invocations on one instance
     slots: int  # requests one instance serves side by side
-
-
-def settings(exe: ExecutorSpec, workflow: str) -> list[dict[str, Any]]:
-    """The default knob setting plus every setting a quality entry for this workflow names."""
-    defaults = exe.knob_defaults()
-    found: list[dict[str, Any]] = [defaults]
-    for entry in exe.quality:
-        if entry.workflow != workflow:
-            continue
-        if any(k not in exe.knobs or not exe.knobs[k].allows(v) for k, v in entry.knobs.items()):
-            continue
-        setting = {**defaults, **entry.knobs}
-        if setting not in found:
-            found.append(setting)
-    return found
-
-
-def option_accuracy(exe: ExecutorSpec, workflow: str, knobs: Mapping[str, Any]) -> float | None:
-    """Best quality entry for the workflow whose knobs all match; None when unknown."""
-    matching = [q.accuracy for q in exe.quality
-                if q.workflow == workflow and all(knobs.get(k) == v for k, v in q.knobs.items())]
-    return max(matching, default=None)
-
-
-def critical_path_s(order: list[str], upstream: Mapping[str, list[str]], latency: Mapping[str, float]) -> float:
-    finish: dict[str, float] = {}
-    for s in order:
-        finish[s] = max((finish[u] for u in upstream[s]), default=0.0) + latency[s]
-    return max(finish.values(), default=0.0)
 
 
 class SloJudge:
@@ -181,7 +152,7 @@ class SloJudge:
         found: list[tuple[float | None, float]] = []
         for exe in sorted(candidates, key=lambda e: e.name):
             configs = self._configs(exe)
-            for knobs in settings(exe, workflow):
+            for knobs in knob_settings(exe, workflow):
                 accuracy = option_accuracy(exe, workflow, knobs)
                 if min_accuracy is not None and (accuracy is None or accuracy < min_accuracy - _EPS):
                     continue
@@ -221,7 +192,7 @@ class SloJudge:
             best[name] = min((lat for _, lat in options), default=math.inf)
         factor = self.slo.latency_factor.get(tiers["latency"], self.slo.default_latency_factor) \
             if "latency" in tiers else self.slo.default_latency_factor
-        target = factor * critical_path_s(order, upstream, best)
+        target = factor * path_latency_s(order, upstream, best)
         self._targets[demand] = target
         return target
 

@@ -34,10 +34,10 @@ class FakeDevice(Device):
                                simulated=simulated, memory_total_bytes=80 << 30)
 
     def sample(self, now_s: float) -> DeviceTelemetry:
-        raise NotImplementedError
+        raise AssertionError("the vLLM adapter only reads device identities; it must not sample devices")
 
     def set_power_limit(self, power_limit_w: float) -> float:
-        raise NotImplementedError
+        raise AssertionError("the vLLM adapter must not change power limits")
 
 
 def executor(task: str = "chat", runner: str = "generate", **vllm: Any) -> ExecutorSpec:
