@@ -146,7 +146,8 @@ class WorkloadService:
         # The executor's clock first: job, queue and invocation timeouts must fire even if planning fails.
         self.perform(self.executor.handle(jx.Tick(now_s)))
         self._expire_demands(now_s)
-        nodes_key = tuple((n.name, n.liveness, n.admin_state, n.generation) for n in self.c.registry.nodes.values())
+        nodes_key = tuple((n.name, n.liveness, n.admin_state, n.generation, tuple(sorted(n.labels.items())))
+                          for n in self.c.registry.nodes.values())  # labels too: placement reads the rack label
         if nodes_key != self._nodes_key:
             self._nodes_key = nodes_key
             self._replan_needed = True
