@@ -128,8 +128,7 @@ class Agent:
         self.tick_hooks: list[Callable[[float], None]] = []  # e.g. a sim fault schedule
         self.heartbeat_rtt_observers: list[Callable[[float], None]] = [self.metrics.heartbeat_rtt.observe]
         self.components = ComponentManager(
-            ManagerConfig(state_dir=Path(settings.state_dir), model_dir=Path(settings.model_dir or
-                                                                             Path(settings.state_dir) / "models"),
+            ManagerConfig(state_dir=Path(settings.state_dir), model_dir=Path(settings.model_dir),
                           engine_python=settings.engine_python, log_bytes=settings.component_log_bytes),
             self.devices, read_energy=self._read_energy, clock=clock)
         self.components.transition_observers.append(

@@ -12,9 +12,9 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
+from controller.store import transaction
 from policies.profiles import ProfileError, ProfileSample
 
-RUN_STATES = ("starting", "running", "stopping", "succeeded", "failed", "cancelled")
 TERMINAL_RUN_STATES = ("succeeded", "failed", "cancelled")
 
 SCHEMA = """
@@ -81,20 +81,15 @@ class ProfileStore:
         return None if row is None else _run(row)
 
     def unfinished_runs(self) -> list[StoredRun]:
-        rows = self.db.execute(f"SELECT {_RUN_COLUMNS} FROM profile_runs WHERE state NOT IN "
-                               "('succeeded', 'failed', 'cancelled') ORDER BY started_at_unix_s").fetchall()
-        return [_run(r) for r in rows]
-
-    def list_runs(self, limit: int = 50) -> list[StoredRun]:
-        rows = self.db.execute(f"SELECT {_RUN_COLUMNS} FROM profile_runs ORDER BY started_at_unix_s DESC LIMIT ?",
-                               (limit,)).fetchall()
+        marks = ", ".join("?" * len(TERMINAL_RUN_STATES))
+        rows = self.db.execute(f"SELECT {_RUN_COLUMNS} FROM profile_runs WHERE state NOT IN ({marks})"
+                               " ORDER BY started_at_unix_s", TERMINAL_RUN_STATES).fetchall()
         return [_run(r) for r in rows]
 
     # --- samples ---------------------------------------------------------------------------
 
     def add_samples(self, samples: list[ProfileSample]) -> None:
-        with self.db:
-            self.db.execute("BEGIN")
+        with transaction(self.db):
             self.db.executemany(
                 "INSERT INTO profile_samples (run_id, executor, hardware, device_model, backend, node, source,"
                 " taken_at_unix_s, sample_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -6,9 +6,11 @@ reasons, labels, last known generation); live telemetry stays in memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from controller.registry import DurableNode
@@ -25,6 +27,18 @@ CREATE TABLE IF NOT EXISTS nodes (
     updated_at_unix_s REAL NOT NULL
 );
 """
+
+
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """An explicit transaction: the controller's connection is in autocommit mode, where ``with db:`` begins none."""
+    db.execute("BEGIN")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 class Store:

@@ -65,11 +65,11 @@ from typing import Any
 
 from common.workflow.catalog import ExecutorSpec
 from common.workflow.spec import StageSpec, WorkflowSpec
+from policies.perf_model import runs_on_gpu
 from policies.plan import (
-    SLO_DIMENSIONS, SLO_TIERS, Demand, DeviceSlot, NodeSnapshot, PlacedComponent, Plan, StageChoice,
+    SLO_DIMENSIONS, SLO_TIERS, TOOL_CPU_OVERSUBSCRIPTION, Demand, DeviceSlot, NodeSnapshot, PlacedComponent, Plan, StageChoice,
 )
 
-TOOL_CPU_OVERSUBSCRIPTION = 4.0
 ACCURACY_SLACK = {"best": 0.0, "good": 0.05, "fair": 0.15}  # fraction below the best accuracy
 LATENCY_SLACK = {"best": 1.0, "good": 1.5, "fair": 3.0}  # multiple of the lowest latency
 _EPS = 1e-9
@@ -191,7 +191,7 @@ class _Need:
     @staticmethod
     def of(exe: ExecutorSpec) -> "_Need":
         res = exe.resources
-        if res.device == "gpu" and exe.engine in ("sim", "vllm"):
+        if runs_on_gpu(exe):
             memory = max(res.gpu_memory_bytes, exe.sim.memory_bytes if exe.sim is not None else 0)
             return _Need("sim-gpu" if exe.engine == "sim" else "gpu", res.gpu_count, memory,
                          tuple(res.gpu_models), 0.0, res.memory_bytes)

@@ -74,9 +74,8 @@ from agent.devices.gpu_specs import GPU_SPECS, GpuSpec
 from common.protocol import DeviceInfo, DeviceTelemetry
 from common.workflow.catalog import ExecutorSpec
 from policies.model import HardwareType, InstanceConfig, Perf, PerfModel
-from policies.plan import PlacedComponent
+from policies.plan import TOOL_CPU_OVERSUBSCRIPTION, PlacedComponent
 
-TOOL_CPU_OVERSUBSCRIPTION = 4.0  # as in first fit: tool components mostly wait between invocations
 FALLBACK_MAX_OPERATING_TEMPERATURE_C = 85.0  # GPUs without a spec: a typical datacenter part's limit
 FALLBACK_THERMAL_HORIZON_S = 60.0  # GPUs without a spec: about one thermal time constant
 _EPS = 1e-6

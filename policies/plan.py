@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SLO_DIMENSIONS = ("accuracy", "latency")
+# Tool components count a quarter of their cpu_cores against a host: they mostly wait between invocations.
+TOOL_CPU_OVERSUBSCRIPTION = 4.0
 SLO_TIERS = ("best", "good", "fair", "basic")
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Union
 
-STATES = ("pending", "starting", "ready", "draining", "stopped", "failed")
 ACTIVE_STATES = frozenset({"pending", "starting", "ready", "draining"})  # holding (or about to hold) resources
 
 PROBE_INTERVAL_STARTING_S = 0.5

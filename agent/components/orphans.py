@@ -371,3 +371,11 @@ def _logged(outcomes: list[Outcome]) -> list[Outcome]:
         else:
             log.warning("reaped an orphaned engine: %s", outcome.describe())
     return outcomes
+
+
+def killpg_quietly(pgid: int, sig: int) -> None:
+    """Signal a process group that may be gone already (or not ours to signal any more)."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

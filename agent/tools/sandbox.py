@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.components.orphans import killpg_quietly
 from agent.tools.base import ToolError, float_knob, int_knob, text_input
 
 MAX_CODE_CHARS = 1_000_000
@@ -257,10 +258,7 @@ def _run(work: str, limits: list[list[Any]], timeout_s: float) -> _Run:
                         run.stderr = (run.stderr + chunk)[-MAX_CAPTURE_BYTES:]
         finally:
             # kill the group while the leader is unreaped, so its id cannot have been reused by another group
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            killpg_quietly(proc.pid, signal.SIGKILL)
             run.returncode = proc.wait()
             run.wall_s = time.monotonic() - started_s
             proc.stdout.close()

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,8 @@ from typing import Any
 import tomli_w
 from rich.console import Console
 
-from agent.components.orphans import Outcome, reap_components
+from agent.components.orphans import LinuxProc, Outcome, reap_components
+from agent.components.ports import os_free_port
 from controller.cli.client import AdminClient, ClientError
 
 READY_TIMEOUT_S = 60.0
@@ -59,15 +59,9 @@ def add_cluster_commands(sub: Any) -> None:
 
 
 def _proc_start_ticks(pid: int) -> int | None:
-    """The process start time in clock ticks since boot, or None if there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    if fields[0] == "Z":  # a zombie is not running
-        return None
-    return int(fields[19])
+    """The process start time in clock ticks since boot, or None if there is no such process (or a zombie)."""
+    info = LinuxProc().stat(pid)
+    return None if info is None or info.zombie else info.start_ticks
 
 
 def _alive(pid: int) -> bool:
@@ -100,9 +94,7 @@ def spawn(state_dir: Path, name: str, argv: list[str]) -> int:
 
 def free_port() -> int:
     """A loopback TCP port that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    return os_free_port("127.0.0.1")
 
 
 def _write_toml(path: Path, document: dict[str, Any]) -> Path:

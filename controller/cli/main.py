@@ -166,9 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the controller")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def with_output(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("-o", "--output", choices=("table", "json"), default="table")
-        return p
+    from controller.cli.workflows import output_arg as with_output
 
     with_output(sub.add_parser("nodes", help="list nodes with live telemetry"))
     with_output(sub.add_parser("status", help="controller and cluster summary"))

@@ -14,15 +14,14 @@ from rich.console import Console
 from rich.table import Table
 
 from common.protocol import GetPlan
-from controller.cli.client import AdminClient
-from controller.cli.workflows import _output, _print_json
+from controller.cli.workflows import admin_client, output_arg, print_json
 
 
 def cmd_plan_show(args: argparse.Namespace, console: Console) -> int:
-    with AdminClient(args.controller, args.timeout) as client:
+    with admin_client(args) as client:
         explanation: dict[str, Any] = client.call(GetPlan()).explanation
     if args.output == "json":
-        _print_json(explanation)
+        print_json(explanation)
         return 0
     head = f"planner: {explanation.get('planner')}"
     for key, label in (("status", "status"), ("plan_s", "planned in (s)"), ("power_w", "provisioned power (W)"),
@@ -80,5 +79,5 @@ def cmd_plan_show(args: argparse.Namespace, console: Console) -> int:
 def add_plan_commands(sub: Any) -> None:
     plan = sub.add_parser("plan", help="the controller's current plan")
     plan_sub = plan.add_subparsers(dest="plan_command", required=True)
-    _output(plan_sub.add_parser("show", help="choices, predictions, pools, placements and binding constraints")) \
+    output_arg(plan_sub.add_parser("show", help="choices, predictions, pools, placements and binding constraints")) \
         .set_defaults(handler=cmd_plan_show)

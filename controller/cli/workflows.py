@@ -432,7 +432,7 @@ def summarize(value: Any, media_type: str | None = None, max_vector: int = 6) ->
     return value
 
 
-def render_output(value: Any, max_rows: int = 50) -> RenderableType:
+def renderoutput_arg(value: Any, max_rows: int = 50) -> RenderableType:
     """Text as is; a list of records as a table; lists of text numbered; anything else as JSON."""
     if isinstance(value, str):
         return Text(value)
@@ -474,7 +474,7 @@ def job_detail(job: JobView, now_unix_s: float) -> list[RenderableType]:
         parts.append(Text("outputs:", style="bold"))
         for name, value in job.outputs.items():
             parts.append(Text(f"{name}:", style="bold"))
-            parts.append(render_output(value))
+            parts.append(renderoutput_arg(value))
     return parts
 
 
@@ -522,11 +522,11 @@ def show(console: Console, renderables: Iterable[RenderableType]) -> None:
         console.print(item, soft_wrap=isinstance(item, Text), highlight=False)
 
 
-def _print_json(value: Any) -> None:
+def print_json(value: Any) -> None:
     print(dumps(value))
 
 
-def _client(args: argparse.Namespace) -> AdminClient:
+def admin_client(args: argparse.Namespace) -> AdminClient:
     return AdminClient(args.controller, args.timeout)
 
 
@@ -553,10 +553,10 @@ def _warn(warnings: Iterable[str]) -> None:
 
 def cmd_catalog_apply(args: argparse.Namespace, console: Console) -> int:
     text = _validate_file(args.file, "catalog")
-    with _client(args) as client:
+    with admin_client(args) as client:
         reply = client.call(ApplyCatalog(os.path.basename(args.file), text))
     if args.output == "json":
-        _print_json(reply)
+        print_json(reply)
     else:
         console.print(Text(f"catalog version {reply.version}: {len(reply.executors)} executors applied "
                            f"({', '.join(reply.executors)})"), soft_wrap=True)
@@ -565,10 +565,10 @@ def cmd_catalog_apply(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_catalog_list(args: argparse.Namespace, console: Console) -> int:
-    with _client(args) as client:
+    with admin_client(args) as client:
         executors = client.call(ListExecutors()).executors
     if args.output == "json":
-        _print_json(list(executors))
+        print_json(list(executors))
     elif not executors:
         console.print("no executors; apply a catalog with 'murakkabctl catalog apply FILE'")
     else:
@@ -578,10 +578,10 @@ def cmd_catalog_list(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_workflow_apply(args: argparse.Namespace, console: Console) -> int:
     text = _validate_file(args.file, "workflow")
-    with _client(args) as client:
+    with admin_client(args) as client:
         reply = client.call(ApplyWorkflow(os.path.basename(args.file), text))
     if args.output == "json":
-        _print_json(reply)
+        print_json(reply)
     else:
         note = " (unchanged)" if reply.unchanged else ""
         console.print(Text(f"workflow {reply.name} version {reply.version}{note}"), soft_wrap=True)
@@ -590,10 +590,10 @@ def cmd_workflow_apply(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_workflow_list(args: argparse.Namespace, console: Console) -> int:
-    with _client(args) as client:
+    with admin_client(args) as client:
         workflows = client.call(ListWorkflows()).workflows
     if args.output == "json":
-        _print_json(list(workflows))
+        print_json(list(workflows))
     elif not workflows:
         console.print("no workflows; apply one with 'murakkabctl workflow apply FILE'")
     else:
@@ -602,10 +602,10 @@ def cmd_workflow_list(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_workflow_show(args: argparse.Namespace, console: Console) -> int:
-    with _client(args) as client:
+    with admin_client(args) as client:
         detail = client.call(GetWorkflow(args.name))
     if args.output == "json":
-        _print_json(detail)
+        print_json(detail)
     elif args.output == "yaml":
         sys.stdout.write(detail.yaml_text if detail.yaml_text.endswith("\n") else detail.yaml_text + "\n")
     else:
@@ -614,10 +614,10 @@ def cmd_workflow_show(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_workflow_delete(args: argparse.Namespace, console: Console) -> int:
-    with _client(args) as client:
+    with admin_client(args) as client:
         reply = client.call(DeleteWorkflow(args.name))
     if args.output == "json":
-        _print_json(reply)
+        print_json(reply)
     else:
         console.print(Text(f"deleted workflow {reply.name} ({reply.versions} versions)"))
     return 0
@@ -625,7 +625,7 @@ def cmd_workflow_delete(args: argparse.Namespace, console: Console) -> int:
 
 def _print_job(args: argparse.Namespace, console: Console, job: JobView) -> None:
     if args.output == "json":
-        _print_json(job)
+        print_json(job)
     else:
         show(console, job_detail(job, time.time()))
 
@@ -641,13 +641,13 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     slo = parse_slo(args.slo or [])
     if args.timeout_s <= 0:
         raise InputError("--timeout-s must be positive")
-    with _client(args) as client:
+    with admin_client(args) as client:
         detail = client.call(GetWorkflow(args.workflow))
         inputs = build_inputs(args.workflow, args.input or [], detail.summary.inputs, required_inputs(detail))
         accepted = client.call(SubmitJob(args.workflow, inputs, slo, args.idempotency_key))
         if not args.wait:
             if args.output == "json":
-                _print_json({"job_id": accepted.job_id, "workflow_version": accepted.workflow_version})
+                print_json({"job_id": accepted.job_id, "workflow_version": accepted.workflow_version})
             else:
                 print(accepted.job_id)
             return 0
@@ -670,10 +670,10 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 def cmd_jobs(args: argparse.Namespace, console: Console) -> int:
     if args.limit < 1:
         raise InputError("--limit must be at least 1")
-    with _client(args) as client:
+    with admin_client(args) as client:
         jobs = client.call(ListJobs(limit=args.limit, state=args.state or "", workflow=args.workflow or "")).jobs
     if args.output == "json":
-        _print_json(list(jobs))
+        print_json(list(jobs))
     elif not jobs:
         console.print("no jobs")
     else:
@@ -682,17 +682,17 @@ def cmd_jobs(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_job_show(args: argparse.Namespace, console: Console) -> int:
-    with _client(args) as client:
+    with admin_client(args) as client:
         job = client.call(GetJob(args.job_id)).job
     _print_job(args, console, job)
     return 0
 
 
 def cmd_job_cancel(args: argparse.Namespace, console: Console) -> int:
-    with _client(args) as client:
+    with admin_client(args) as client:
         job = client.call(CancelJob(args.job_id, args.reason)).job
     if args.output == "json":
-        _print_json(job)
+        print_json(job)
     else:
         reason = f" ({job.reason})" if job.reason else ""
         console.print(Text(f"job {job.job_id}: {job.state}{reason}"), soft_wrap=True)
@@ -700,10 +700,10 @@ def cmd_job_cancel(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_components(args: argparse.Namespace, console: Console) -> int:
-    with _client(args) as client:
+    with admin_client(args) as client:
         components = client.call(ListComponents()).components
     if args.output == "json":
-        _print_json(list(components))
+        print_json(list(components))
     elif not components:
         console.print("no components planned or running")
     else:
@@ -711,7 +711,7 @@ def cmd_components(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _output(parser: argparse.ArgumentParser, *extra: str) -> argparse.ArgumentParser:
+def output_arg(parser: argparse.ArgumentParser, *extra: str) -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", choices=("table", "json", *extra), default="table")
     return parser
 
@@ -720,25 +720,25 @@ def add_workflow_commands(sub: Any) -> None:
     """Register catalog, workflow, run, jobs, job and components; each sets ``handler``."""
     catalog = sub.add_parser("catalog", help="the executors the cluster offers")
     catalog_sub = catalog.add_subparsers(dest="catalog_command", required=True)
-    apply = _output(catalog_sub.add_parser("apply", help="validate a catalog file, then add or replace its executors"))
+    apply = output_arg(catalog_sub.add_parser("apply", help="validate a catalog file, then add or replace its executors"))
     apply.add_argument("file")
     apply.set_defaults(handler=cmd_catalog_apply)
-    _output(catalog_sub.add_parser("list", help="executors with their knobs")).set_defaults(handler=cmd_catalog_list)
+    output_arg(catalog_sub.add_parser("list", help="executors with their knobs")).set_defaults(handler=cmd_catalog_list)
 
     workflow = sub.add_parser("workflow", help="declare, inspect and delete workflows")
     wf_sub = workflow.add_subparsers(dest="workflow_command", required=True)
-    apply = _output(wf_sub.add_parser("apply", help="validate a workflow file, then store it as a new version"))
+    apply = output_arg(wf_sub.add_parser("apply", help="validate a workflow file, then store it as a new version"))
     apply.add_argument("file")
     apply.set_defaults(handler=cmd_workflow_apply)
-    _output(wf_sub.add_parser("list", help="stored workflows")).set_defaults(handler=cmd_workflow_list)
-    wf_show = _output(wf_sub.add_parser("show", help="one workflow (yaml: the text as applied)"), "yaml")
+    output_arg(wf_sub.add_parser("list", help="stored workflows")).set_defaults(handler=cmd_workflow_list)
+    wf_show = output_arg(wf_sub.add_parser("show", help="one workflow (yaml: the text as applied)"), "yaml")
     wf_show.add_argument("name")
     wf_show.set_defaults(handler=cmd_workflow_show)
-    delete = _output(wf_sub.add_parser("delete", help="delete a workflow and its versions"))
+    delete = output_arg(wf_sub.add_parser("delete", help="delete a workflow and its versions"))
     delete.add_argument("name")
     delete.set_defaults(handler=cmd_workflow_delete)
 
-    run = _output(sub.add_parser("run", help="submit a job; with --wait, wait for it and show it",
+    run = output_arg(sub.add_parser("run", help="submit a job; with --wait, wait for it and show it",
                                  description="Exit status with --wait: 0 succeeded, 1 failed or cancelled, "
                                              "2 still running at --timeout-s."))
     run.add_argument("workflow")
@@ -753,7 +753,7 @@ def add_workflow_commands(sub: Any) -> None:
                      help="a repeated key returns the first job's id instead of submitting again")
     run.set_defaults(handler=cmd_run)
 
-    jobs = _output(sub.add_parser("jobs", help="recent jobs, newest first"))
+    jobs = output_arg(sub.add_parser("jobs", help="recent jobs, newest first"))
     jobs.add_argument("--state", choices=JOB_STATES)
     jobs.add_argument("--workflow")
     jobs.add_argument("--limit", type=int, default=50)
@@ -761,15 +761,15 @@ def add_workflow_commands(sub: Any) -> None:
 
     job = sub.add_parser("job", help="inspect or cancel one job")
     job_sub = job.add_subparsers(dest="job_command", required=True)
-    job_show = _output(job_sub.add_parser("show", help="a job's stages, executors, times, energy and outputs"))
+    job_show = output_arg(job_sub.add_parser("show", help="a job's stages, executors, times, energy and outputs"))
     job_show.add_argument("job_id")
     job_show.set_defaults(handler=cmd_job_show)
-    cancel = _output(job_sub.add_parser("cancel", help="cancel a queued or running job"))
+    cancel = output_arg(job_sub.add_parser("cancel", help="cancel a queued or running job"))
     cancel.add_argument("job_id")
     cancel.add_argument("--reason", default="cancelled by operator")
     cancel.set_defaults(handler=cmd_job_cancel)
 
-    _output(sub.add_parser("components", help="planned and running components on every node")) \
+    output_arg(sub.add_parser("components", help="planned and running components on every node")) \
         .set_defaults(handler=cmd_components)
 
     from controller.cli.plan import add_plan_commands

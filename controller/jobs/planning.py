@@ -24,7 +24,9 @@ from controller.registry import NodeRecord
 from policies.forecast import EwmaForecast
 from policies.model import Budgets, DemandRate, HardwareType, InstanceConfig, PerfModel, Problem, Solution
 from policies.perf_model import CatalogPerfModel, power_cap_levels, standard_hardware
-from policies.placement import NodeState, PlacementLimits, device_state, hardware_key, place
+from policies.placement import (
+    NodeState, PlacementLimits, device_state, hardware_key, place, temperature_trend_c_per_s,
+)
 from policies.predictors import LearnedPerfModel, Predictors
 from policies.plan import Demand, PlacedComponent, Plan
 
@@ -124,8 +126,6 @@ def node_states(nodes: Sequence[NodeRecord]) -> list[NodeState]:
 
 
 def _trend(ring: Any) -> float | None:
-    from policies.placement import temperature_trend_c_per_s
-
     samples = [(t, s.temperature_c) for t, s in list(ring)[-30:] if s.temperature_c is not None]
     return temperature_trend_c_per_s(samples) if len(samples) >= 2 else None
 

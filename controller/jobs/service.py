@@ -10,6 +10,7 @@ invocations to agents, persist to SQLite, answer waiting clients.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -125,8 +126,9 @@ class WorkloadService:
         for name in self.workflows:
             self.demands[Demand(name)] = now
         for job in self.store.unfinished_jobs():
-            self.demands[Demand.of(job.workflow, job.slo)] = now
-            self._job_demands[job.job_id] = Demand.of(job.workflow, job.slo)
+            demand = Demand.of(job.workflow, job.slo)
+            self.demands[demand] = now
+            self._job_demands[job.job_id] = demand
             restored = self.store.stage_outputs(job.job_id)
             choices = {stage: StageChoice(c["executor"], dict(c["knobs"])) for stage, c in job.choices.items()}
             try:
@@ -168,16 +170,18 @@ class WorkloadService:
             node = self.c.registry.nodes.get(node_name)
             if node is None or node.liveness is not Liveness.READY:
                 continue
-            reported = next((t.power_limit_w for t in node.latest_telemetry() if t.index == index), None)
+            ring = node.history.get(index)  # the latest sample of this device only
+            reported = ring[-1][1].power_limit_w if ring else None
             if reported is not None and abs(reported - limit_w) < 1.0:
                 continue
             sent_s = self._power_limit_sent_s.get((node_name, index))
             if sent_s is not None and now_s - sent_s < self.config.power_limit_retry_s:
                 continue
             self._power_limit_sent_s[(node_name, index)] = now_s
+            key = f"power-{node_name}-{index}-{now_s}"
             task = asyncio.ensure_future(self.c.set_power_limit(node, index, limit_w))
-            self._commands[f"power-{node_name}-{index}-{now_s}"] = task
-            task.add_done_callback(lambda t, k=f"power-{node_name}-{index}-{now_s}": self._commands.pop(k, None))
+            self._commands[key] = task
+            task.add_done_callback(lambda _t, k=key: self._commands.pop(k, None))
 
     def on_heartbeat(self, node_name: str, reports: tuple[ComponentReport, ...], now_s: float) -> None:
         node = self.c.registry.nodes.get(node_name)
@@ -343,19 +347,17 @@ class WorkloadService:
 
     def _save_row(self, row: InvocationRow, state: str, error: str = "", result: InvocationResult | None = None) -> None:
         if result is not None:
-            row = InvocationRow(row.invocation_id, row.job_id, row.stage, row.item, row.attempt, row.executor,
-                                row.knobs, row.node, row.component_id, tuple(result.device_indexes) or row.device_indexes,
-                                state, error, result.started_at_unix_s, result.ended_at_unix_s, result.latency_s,
-                                result.energy_j, result.simulated)
+            row = dataclasses.replace(
+                row, device_indexes=tuple(result.device_indexes) or row.device_indexes, state=state, error=error,
+                started_at_unix_s=result.started_at_unix_s, ended_at_unix_s=result.ended_at_unix_s,
+                latency_s=result.latency_s, energy_j=result.energy_j, simulated=result.simulated)
         else:
-            row = InvocationRow(row.invocation_id, row.job_id, row.stage, row.item, row.attempt, row.executor,
-                                row.knobs, row.node, row.component_id, row.device_indexes, state, error,
-                                row.started_at_unix_s, time.time() if state != "running" else None, row.latency_s,
-                                row.energy_j, row.simulated)
+            row = dataclasses.replace(row, state=state, error=error,
+                                      ended_at_unix_s=time.time() if state != "running" else None)
         self.store.save_invocation(row)
 
     def _dispatch(self, d: "jx.Dispatch") -> None:
-        placed = next((p for p in self.plan.components if p.component_id == d.component_id), None)
+        placed = self._desired_by_id.get(d.component_id)
         spec = self.catalog.get(d.executor)
         devices = tuple(d.device_indexes) or (placed.device_indexes if placed else ())
         row = InvocationRow(d.invocation_id, d.job_id, d.stage, d.item, d.attempt, d.executor, dict(d.knobs), d.node,
@@ -468,11 +470,14 @@ class WorkloadService:
         log.info("catalog v%d from %s: %s", version, source_name, ", ".join(e.name for e in executors))
         return CatalogApplied(version, tuple(e.name for e in executors), warnings)
 
+    def _missing_tasks(self, spec: WorkflowSpec) -> list[str]:
+        """The workflow's tasks no executor in the catalog implements."""
+        return sorted({s.task for s in spec.stages} - {e.task for e in self.catalog.values()})
+
     def _unserved_tasks_warnings(self) -> list[str]:
-        tasks = {e.task for e in self.catalog.values()}
         warnings = []
         for name, (_, spec) in sorted(self.workflows.items()):
-            missing = sorted({s.task for s in spec.stages} - tasks)
+            missing = self._missing_tasks(spec)
             if missing:
                 warnings.append(f"workflow {name}: no executor in the catalog for task(s) {', '.join(missing)}")
         return warnings
@@ -495,8 +500,7 @@ class WorkloadService:
         self.workflows[spec.name] = (stored, spec)
         self.demands[Demand(spec.name)] = self.c.clock()
         self._replan_needed = True
-        tasks = {e.task for e in self.catalog.values()}
-        missing = sorted({s.task for s in spec.stages} - tasks)
+        missing = self._missing_tasks(spec)
         warnings = (f"no executor in the catalog for task(s) {', '.join(missing)}; jobs will be refused until "
                     "a catalog provides them",) if missing else ()
         return WorkflowApplied(spec.name, version, unchanged, warnings)
@@ -561,7 +565,7 @@ class WorkloadService:
             new_demand = False
         if demand not in self.plan.choices:
             reason = self.plan.unsatisfiable.get(demand, "the planner found no executors for it")
-            if new_demand and demand.slo and demand not in set(self._job_demands.values()):
+            if new_demand and demand.slo and demand not in self._job_demands.values():
                 del self.demands[demand]
             if not any(n.schedulable() for n in self.c.registry.nodes.values()):
                 return ErrorReply("unavailable", f"no node can take work right now ({reason}); the controller "
@@ -639,11 +643,9 @@ class WorkloadService:
     def job_view(self, job_id: str, include_outputs: bool = True) -> JobView:
         job = self.store.get_job(job_id)
         assert job is not None
-        invocations = tuple(
-            InvocationView(r.invocation_id, r.stage, r.item, r.attempt, r.executor, r.knobs, r.node, r.component_id,
-                           r.device_indexes, r.state, r.error, r.started_at_unix_s, r.ended_at_unix_s, r.latency_s,
-                           r.energy_j, r.simulated)
-            for r in self.store.invocations(job_id))
+        view_fields = [f.name for f in dataclasses.fields(InvocationView)]  # a stored row less its job id
+        invocations = tuple(InvocationView(**{name: getattr(r, name) for name in view_fields})
+                            for r in self.store.invocations(job_id))
         return JobView(job.job_id, job.workflow, job.workflow_version, job.state, job.reason, job.slo,
                        job.submitted_at_unix_s, job.started_at_unix_s, job.ended_at_unix_s,
                        (job.outputs or {}) if include_outputs else {}, invocations)
@@ -660,7 +662,7 @@ class WorkloadService:
 
     def list_components(self) -> ComponentList:
         views: list[ComponentView] = []
-        desired = {p.component_id: p for p in self.plan.components}
+        desired = self._desired_by_id
         seen: set[str] = set()
         for node_name, reports in sorted(self.reports.items()):
             for report in reports:

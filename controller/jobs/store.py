@@ -8,15 +8,15 @@ Values with bytes in them (inputs, outputs) are stored as msgpack, never pickle.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+
+from controller.store import transaction
 
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 
@@ -117,17 +117,6 @@ class WorkloadStore:
         self.db = db
         self.db.executescript(SCHEMA)
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        """An explicit transaction: the connection is in autocommit mode, where ``with db:`` begins none."""
-        self.db.execute("BEGIN")
-        try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
-
     def fail_running_invocations(self, reason: str) -> int:
         """After a restart nothing is running any more: close the rows that say otherwise."""
         cursor = self.db.execute("UPDATE invocations SET state = 'failed', error = ?, ended_at_unix_s = ?"
@@ -138,7 +127,7 @@ class WorkloadStore:
 
     def save_executors(self, executors: list[tuple[str, dict[str, Any]]], source: str) -> int:
         """Store one catalog apply as a new version; returns the version number."""
-        with self._transaction():
+        with transaction(self.db):
             row = self.db.execute("SELECT COALESCE(MAX(version), 0) FROM executors").fetchone()
             version = int(row[0]) + 1
             now = time.time()
@@ -166,7 +155,7 @@ class WorkloadStore:
 
     def save_workflow(self, name: str, yaml_text: str, spec: dict[str, Any], source: str) -> tuple[int, bool]:
         """Store a new version unless the spec is unchanged; returns (version, unchanged)."""
-        with self._transaction():
+        with transaction(self.db):
             latest = self.latest_workflow(name, include_deleted=True)
             current = self.latest_workflow(name)
             if current is not None and current.spec == spec:
@@ -180,7 +169,7 @@ class WorkloadStore:
 
     def delete_workflow(self, name: str) -> int:
         """Mark every version deleted; returns how many versions there were (0: no such workflow)."""
-        with self._transaction():
+        with transaction(self.db):
             count = self.db.execute("SELECT COUNT(*) FROM workflows WHERE name = ? AND deleted_at_unix_s IS NULL",
                                     (name,)).fetchone()[0]
             self.db.execute("UPDATE workflows SET deleted_at_unix_s = ? WHERE name = ? AND deleted_at_unix_s IS NULL",
@@ -212,7 +201,7 @@ class WorkloadStore:
     def finish_job(self, job_id: str, state: str, reason: str, outputs: dict[str, Any] | None,
                    now_unix_s: float) -> None:
         assert state in TERMINAL_STATES, state
-        with self._transaction():
+        with transaction(self.db):
             self.db.execute("UPDATE jobs SET state = ?, reason = ?, outputs = ?, ended_at_unix_s = ? WHERE job_id = ?",
                             (state, reason, None if outputs is None else pack(outputs), now_unix_s, job_id))
             self.db.execute("DELETE FROM stage_outputs WHERE job_id = ?", (job_id,))

@@ -30,7 +30,6 @@ from policies.model import InstanceConfig
 from policies.plan import PlacedComponent
 
 GB = 1e9
-LIVE_STATES = ("starting", "ready", "draining")
 
 
 @dataclass(frozen=True)

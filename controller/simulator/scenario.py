@@ -48,7 +48,6 @@ from common.workflow.spec import WorkflowSpec
 from policies.plan import SLO_TIERS
 
 API_VERSION = "murakkab.dev/v1"
-SCENARIO_KIND = "Scenario"
 MAX_NODES = 1000  # the scale the issue asks for; larger clusters need a faster placement first
 MAX_DURATION_S = 7 * 86400.0
 HARDWARE_NAMES = tuple(sorted(GPU_SPECS)) + ("cpu",)

@@ -30,7 +30,7 @@ from typing import Any
 from common.workflow.catalog import ExecutorSpec
 from policies.model import HardwareType, InstanceConfig, Perf, PerfModel, SloTargets
 from policies.optimizer import MAX_TP_SCALE, knob_settings, option_accuracy, path_latency_s  # the optimizer's rules
-from policies.perf_model import model_memory_bytes
+from policies.perf_model import model_memory_bytes, runs_on_gpu
 from policies.plan import Demand, StageChoice
 
 _EPS = 1e-9
@@ -125,7 +125,7 @@ class SloJudge:
 
     def _configs(self, exe: ExecutorSpec) -> list[InstanceConfig]:
         configs: list[InstanceConfig] = []
-        on_gpu = exe.resources.device == "gpu" and exe.engine in ("sim", "vllm")
+        on_gpu = runs_on_gpu(exe)
         for name in sorted(self.present):
             hw = self.hardware.get(name)
             if hw is None or (hw.kind == "gpu") != on_gpu:

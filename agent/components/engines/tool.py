@@ -36,6 +36,7 @@ from typing import Any
 import msgpack
 
 from agent.components.engines.base import Engine, EngineContext, EngineError
+from agent.components.orphans import killpg_quietly
 from agent.tools.base import ToolError
 
 IMPORT_CHECK_TIMEOUT_S = 60.0  # importing a tool's module (OpenCV, numpy) in a fresh interpreter
@@ -311,12 +312,8 @@ class ToolEngine(Engine):
 
 
 def _signal_group(child: asyncio.subprocess.Process, sig: int) -> None:
-    if child.returncode is not None:
-        return
-    try:
-        os.killpg(child.pid, sig)  # the child leads its own session: this reaches anything it spawned
-    except (ProcessLookupError, PermissionError):
-        pass
+    if child.returncode is None:
+        killpg_quietly(child.pid, sig)  # the child leads its own session: this reaches anything it spawned
 
 
 async def _reap(child: asyncio.subprocess.Process) -> None:

@@ -36,6 +36,7 @@ import aiohttp
 import psutil
 
 from agent.components.engines.base import Engine, EngineContext, EngineError
+from agent.components.orphans import LinuxProc, killpg_quietly
 from agent.components.paths import ModelPathError, expand_model_path
 
 HEALTH_TIMEOUT_S = 2.0
@@ -192,22 +193,7 @@ def _pss_bytes(pid: int) -> int | None:
 def _live_group_members(pgid: int) -> list[int]:
     """Processes of a process group that are not zombies (zombies hold no memory; a container's
     init may never reap them)."""
-    members = []
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
-            members.append(int(entry))
-    return members
+    return LinuxProc().group_members(pgid)
 
 
 # --- input checks -------------------------------------------------------------------------
@@ -260,7 +246,6 @@ class VllmEngine(Engine):
         self.model_name = served_model_name(ctx)
         self.model_path: str | None = None
         self.command: list[str] = []
-        self.started_at_s: float | None = None  # time.monotonic() at spawn
         self._proc: subprocess.Popen[bytes] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._models_known = False
@@ -307,7 +292,6 @@ class VllmEngine(Engine):
             except OSError as exc:
                 raise EngineError("engine_failed", f"cannot start vLLM ({self.command[0]}): {exc}",
                                   retryable=False) from exc
-        self.started_at_s = time.monotonic()
 
     async def probe(self) -> bool:
         # Without a process (never started) the port is still probed: that is how tests and
@@ -384,10 +368,7 @@ class VllmEngine(Engine):
 
     def _signal_group(self, sig: signal.Signals) -> None:
         assert self._proc is not None
-        try:
-            os.killpg(self._proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+        killpg_quietly(self._proc.pid, sig)
 
     # invocations
 
