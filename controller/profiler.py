@@ -48,10 +48,10 @@ from common.workflow.tasks import TASKS
 from common.workflow.types import BLOBS, RECORDS, element_type
 from controller.profiles_store import ProfileStore, StoredRun
 from controller.registry import Liveness, NodeRecord
-from policies.perf_model import CatalogPerfModel, standard_hardware
+from policies.perf_model import CatalogPerfModel, hardware_key, standard_hardware
 from policies.predictors import Predictors, fit, group_samples, held_out_mape
 from policies.profiles import (
-    OUTPUT_TOKENS_KNOB, TTFT_MAX_TOKENS, ProfileError, ProfileSample, Sweep, hardware_key, model_error,
+    OUTPUT_TOKENS_KNOB, TTFT_MAX_TOKENS, ProfileError, ProfileSample, Sweep, model_error,
     sweep_from_dict, task_uses_items, task_uses_prompt,
 )
 
@@ -227,7 +227,7 @@ def summarize(step: Step, provenance: Provenance, results: list[InvocationResult
     simulated = any(r.simulated for r in results)
     device = provenance.device
     return ProfileSample(
-        executor=exe.name, hardware=hardware_key(device.kind, device.model), device_model=device.model,
+        executor=exe.name, hardware=hardware_key(device.model, device.kind), device_model=device.model,
         backend=device.backend, node=provenance.node,
         source="modeled" if simulated or provenance.source == "modeled" else "measured", knobs=dict(step.knobs),
         concurrency=step.concurrency, prompt_tokens=step.prompt_tokens if task_uses_prompt(exe) else 0,

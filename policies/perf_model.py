@@ -33,6 +33,7 @@ The model, per instance of executor ``e`` on configuration (hardware ``h``, ``tp
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -267,3 +268,25 @@ def power_cap_levels(hardware: Mapping[str, HardwareType],
                 caps.append(cap)
         levels[name] = tuple(caps)
     return levels
+
+
+_TOKEN = re.compile(r"[a-z0-9]+")
+_NOT_A_MODEL = re.compile(r"(nvidia|tesla|geforce|quadro|rtx|sxm\d*|pcie|hbm\d*e?|gddr\d*x?|nvl\d*|simulated)")
+
+
+def hardware_key(model: str, kind: str = "gpu") -> str:
+    """The hardware type key of a device model: "NVIDIA H100 80GB HBM3 (simulated)" -> "h100".
+
+    A gpu_specs key that is a whole word of the name wins; else the first word shaped like a
+    model number ("h200", "l40s"); else the whole name, lowercased. Non-GPU devices: their kind.
+    """
+    if kind != "gpu":
+        return kind
+    tokens = _TOKEN.findall(model.lower())
+    for token in tokens:
+        if token in GPU_SPECS:
+            return token
+    for token in tokens:
+        if re.fullmatch(r"[a-z]+\d+[a-z]*", token) and not _NOT_A_MODEL.fullmatch(token):
+            return token
+    return "-".join(tokens) or "gpu"

@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +73,7 @@ from agent.devices.gpu_specs import GPU_SPECS, GpuSpec
 from common.protocol import DeviceInfo, DeviceTelemetry
 from common.workflow.catalog import ExecutorSpec
 from policies.model import HardwareType, InstanceConfig, Perf, PerfModel
+from policies.perf_model import hardware_key
 from policies.plan import TOOL_CPU_OVERSUBSCRIPTION, PlacedComponent
 
 FALLBACK_MAX_OPERATING_TEMPERATURE_C = 85.0  # GPUs without a spec: a typical datacenter part's limit
@@ -145,28 +145,6 @@ class PlacementResult:
     device_power_w: dict[DeviceKey, float] = field(default_factory=dict)  # predicted, GPUs hosting instances
     device_temperature_c: dict[DeviceKey, float] = field(default_factory=dict)  # predicted steady, same GPUs
     rack_power_w: dict[str, float] = field(default_factory=dict)  # predicted draw per rack
-
-
-_TOKEN = re.compile(r"[a-z0-9]+")
-_NOT_A_MODEL = re.compile(r"(nvidia|tesla|geforce|quadro|rtx|sxm\d*|pcie|hbm\d*e?|gddr\d*x?|nvl\d*|simulated)")
-
-
-def hardware_key(model: str, kind: str = "gpu") -> str:
-    """The hardware type key of a device model: "NVIDIA H100 80GB HBM3 (simulated)" -> "h100".
-
-    A gpu_specs key that is a whole word of the name wins; else the first word shaped like a
-    model number ("h200", "l40s"); else the whole name, lowercased. Non-GPU devices: their kind.
-    """
-    if kind != "gpu":
-        return kind
-    tokens = _TOKEN.findall(model.lower())
-    for token in tokens:
-        if token in GPU_SPECS:
-            return token
-    for token in tokens:
-        if re.fullmatch(r"[a-z]+\d+[a-z]*", token) and not _NOT_A_MODEL.fullmatch(token):
-            return token
-    return "-".join(tokens) or "gpu"
 
 
 def device_state(info: DeviceInfo, telemetry: DeviceTelemetry | None = None,

@@ -192,23 +192,6 @@ def samples_from_jsonl(text: str, source_name: str = "profile") -> list[ProfileS
     return samples
 
 
-def hardware_key(device_kind: str, device_model: str) -> str:
-    """The planner's hardware type for a device: "cpu" for CPUs, the GPU spec key for known GPUs
-    ("NVIDIA H100 80GB HBM3 (simulated)" -> "h100"), else a slug of the model name."""
-    if device_kind == "cpu":
-        return "cpu"
-    from agent.devices.gpu_specs import GPU_SPECS  # local: the spec table is data, imported only when needed
-
-    name = device_model.replace("(simulated)", "").strip().lower()
-    for key, spec in GPU_SPECS.items():
-        if spec.name.lower() == name or key == name:
-            return key
-    slug = "".join(c if c.isalnum() else "-" for c in name.replace("nvidia", "")).strip("-")
-    while "--" in slug:
-        slug = slug.replace("--", "-")
-    return slug or "gpu"
-
-
 # --- sweeps --------------------------------------------------------------------------------
 
 

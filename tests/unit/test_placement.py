@@ -95,6 +95,8 @@ def test_hardware_key_from_model_names() -> None:
     assert hardware_key("NVIDIA L40S") == "l40s"  # not "l4"
     assert hardware_key("NVIDIA H200") == "h200"
     assert hardware_key("Intel Xeon", kind="cpu") == "cpu"
+    assert hardware_key("NVIDIA H100 PCIe") == "h100"  # one key for the planner and for stored profiles
+    assert hardware_key("NVIDIA GeForce RTX 4090") == "nvidia-geforce-rtx-4090"
 
 
 def test_device_state_from_protocol_and_trend() -> None:

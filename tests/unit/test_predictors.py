@@ -25,7 +25,7 @@ from controller.registry import AdminState, Liveness, NodeRecord
 from policies.model import HardwareType, InstanceConfig, Perf
 from policies.predictors import LearnedPerfModel, fit, held_out_mape
 from policies.profiles import (
-    ProfileError, ProfileSample, Sweep, default_sweep, hardware_key, model_error, modeled_samples, samples_from_jsonl,
+    ProfileError, ProfileSample, Sweep, default_sweep, model_error, modeled_samples, samples_from_jsonl,
     samples_to_jsonl, sweep_from_dict,
 )
 
@@ -158,13 +158,6 @@ def test_jsonl_errors_name_the_line() -> None:
         samples_from_jsonl('{"executor": "a"}\n', "x.jsonl")
     with pytest.raises(ProfileError, match="NaN is not allowed"):
         ProfileSample.from_json(good.replace('"latency_s": 0.1', '"latency_s": NaN'))
-
-
-def test_hardware_keys() -> None:
-    assert hardware_key("cpu", "AMD EPYC") == "cpu"
-    assert hardware_key("gpu", "NVIDIA H100 80GB HBM3 (simulated)") == "h100"
-    assert hardware_key("gpu", "NVIDIA A100-SXM4-80GB") == "a100"
-    assert hardware_key("gpu", "NVIDIA GeForce RTX 4090") == "geforce-rtx-4090"
 
 
 # --- sweeps and the profiler's plan ---------------------------------------------------------
