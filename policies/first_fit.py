@@ -65,7 +65,7 @@ from typing import Any
 
 from common.workflow.catalog import ExecutorSpec
 from common.workflow.spec import StageSpec, WorkflowSpec
-from policies.perf_model import runs_on_gpu
+from policies.perf_model import knob_factor, knob_settings, option_accuracy, runs_on_gpu
 from policies.plan import (
     SLO_DIMENSIONS, SLO_TIERS, TOOL_CPU_OVERSUBSCRIPTION, Demand, DeviceSlot, NodeSnapshot, PlacedComponent, Plan, StageChoice,
 )
@@ -95,49 +95,19 @@ class _Option:
         return need.gpu_count, need.gpu_memory_bytes, self.executor.resources.cpu_cores, self.executor.name
 
 
-def _accuracy(exe: ExecutorSpec, workflow: str, knobs: Mapping[str, Any]) -> float | None:
-    """Only entries whose knobs all match count: a setting without an entry is unknown, not the best."""
-    matching = [q.accuracy for q in exe.quality
-                if q.workflow == workflow and all(knobs.get(k) == v for k, v in q.knobs.items())]
-    return max(matching, default=None)
-
-
-def _knob_factor(table: Mapping[str, float], value: Any) -> float:
-    keys = [str(value)]
-    if isinstance(value, bool):
-        keys.append(str(value).lower())
-    elif isinstance(value, float) and value.is_integer():
-        keys.append(str(int(value)))
-    for key in keys:
-        if key in table:
-            return table[key]
-    return 1.0
-
-
 def _latency_s(exe: ExecutorSpec, knobs: Mapping[str, Any]) -> float | None:
     base = exe.expected_latency_s
     if base is None and exe.sim is not None:
         base = exe.sim.latency_s
     if base is None:
         return None
-    if exe.sim is not None:
-        for knob, value in knobs.items():
-            base *= _knob_factor(exe.sim.knob_latency_factors.get(knob, {}), value)
-    return base
+    return base * knob_factor(exe, knobs)
 
 
 def _options(exe: ExecutorSpec, workflow: str) -> list[_Option]:
     defaults = exe.knob_defaults()
-    settings: list[dict[str, Any]] = [defaults]
-    for entry in exe.quality:
-        if entry.workflow != workflow:
-            continue
-        if any(k not in exe.knobs or v not in exe.knobs[k].values for k, v in entry.knobs.items()):
-            continue  # a setting the executor does not offer; the catalog loader reports it
-        setting = {**defaults, **entry.knobs}
-        if setting not in settings:
-            settings.append(setting)
-    return [_Option(exe, s, _accuracy(exe, workflow, s), _latency_s(exe, s), s == defaults) for s in settings]
+    return [_Option(exe, s, option_accuracy(exe, workflow, s), _latency_s(exe, s), s == defaults)
+            for s in knob_settings(exe, workflow)]
 
 
 def _keep_within(options: list[_Option], dimension: str, tier: str) -> list[_Option]:

@@ -32,7 +32,9 @@ from scipy.sparse import coo_matrix
 
 from common.workflow.catalog import ExecutorSpec
 from policies.model import HardwareType, InstanceConfig, Perf, PredictedDemand, Problem, Solution
-from policies.perf_model import MAX_TP, devices_per_instance, model_memory_bytes, runs_on_gpu
+from policies.perf_model import (
+    MAX_TP, devices_per_instance, knob_settings, model_memory_bytes, option_accuracy, runs_on_gpu,
+)
 from policies.plan import SLO_DIMENSIONS, SLO_TIERS, Demand, StageChoice
 
 _EPS = 1e-9
@@ -75,28 +77,6 @@ class _DemandPlan:
 
 def _knob_key(knobs: Mapping[str, Any]) -> str:
     return json.dumps(knobs, sort_keys=True, default=str)
-
-
-def knob_settings(exe: ExecutorSpec, workflow: str) -> list[dict[str, Any]]:
-    """The default knob setting plus every setting a quality entry for this workflow names."""
-    defaults = exe.knob_defaults()
-    settings: list[dict[str, Any]] = [defaults]
-    for entry in exe.quality:
-        if entry.workflow != workflow:
-            continue
-        if any(k not in exe.knobs or not exe.knobs[k].allows(v) for k, v in entry.knobs.items()):
-            continue
-        setting = {**defaults, **entry.knobs}
-        if setting not in settings:
-            settings.append(setting)
-    return settings
-
-
-def option_accuracy(exe: ExecutorSpec, workflow: str, knobs: Mapping[str, Any]) -> float | None:
-    """Best quality entry for the workflow whose knobs all match; None (unknown) without one."""
-    matching = [q.accuracy for q in exe.quality
-                if q.workflow == workflow and all(knobs.get(k) == v for k, v in q.knobs.items())]
-    return max(matching, default=None)
 
 
 def _configs(exe: ExecutorSpec, problem: Problem) -> tuple[list[InstanceConfig], list[str]]:

@@ -108,6 +108,28 @@ def model_memory_bytes(executor: ExecutorSpec) -> int:
     return per_device * executor.resources.gpu_count
 
 
+def knob_settings(exe: ExecutorSpec, workflow: str) -> list[dict[str, Any]]:
+    """The default knob setting plus every setting a quality entry for this workflow names."""
+    defaults = exe.knob_defaults()
+    settings: list[dict[str, Any]] = [defaults]
+    for entry in exe.quality:
+        if entry.workflow != workflow:
+            continue
+        if any(k not in exe.knobs or not exe.knobs[k].allows(v) for k, v in entry.knobs.items()):
+            continue
+        setting = {**defaults, **entry.knobs}
+        if setting not in settings:
+            settings.append(setting)
+    return settings
+
+
+def option_accuracy(exe: ExecutorSpec, workflow: str, knobs: Mapping[str, Any]) -> float | None:
+    """Best quality entry for the workflow whose knobs all match; None (unknown) without one."""
+    matching = [q.accuracy for q in exe.quality
+                if q.workflow == workflow and all(knobs.get(k) == v for k, v in q.knobs.items())]
+    return max(matching, default=None)
+
+
 def knob_factor(executor: ExecutorSpec, knobs: Mapping[str, Any]) -> float:
     """Product of the sim section's latency factors for these knob values (1 for unknown values)."""
     if executor.sim is None:

@@ -29,7 +29,8 @@ from typing import Any
 
 from common.workflow.catalog import ExecutorSpec
 from policies.model import HardwareType, InstanceConfig, Perf, PerfModel, SloTargets
-from policies.optimizer import MAX_TP_SCALE, knob_settings, option_accuracy, path_latency_s  # the optimizer's rules
+from policies.optimizer import MAX_TP_SCALE, path_latency_s  # the optimizer's rules
+from policies.perf_model import knob_settings, option_accuracy
 from policies.perf_model import model_memory_bytes, runs_on_gpu
 from policies.plan import Demand, StageChoice
 
