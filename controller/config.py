@@ -36,6 +36,11 @@ class ControllerSettings(BaseModel):
         "first-fit", description="first-fit: cheapest executor per tier, first-fit placement; murakkab: forecast, "
                                  "MILP over executors, knobs, hardware and power caps, and power/thermal-aware placement")
     planning_epoch_s: float = Field(300.0, gt=0, le=86400)
+    planning_queueing_slack: float = Field(
+        0.2, ge=0, lt=1, description="murakkab planner: share of every latency target kept free for queueing")
+    planning_wait_quantile: float | None = Field(
+        0.99, gt=0, lt=1, description="murakkab planner: grow pools until this share of requests is predicted to "
+                                      "meet its target with waits (M/M/c); unset: size on service times only")
     log_level: str = "INFO"
 
     @model_validator(mode="after")

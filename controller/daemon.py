@@ -78,7 +78,9 @@ class Controller:
             invocation_timeout_s=settings.invocation_timeout_s, max_attempts=settings.invocation_max_attempts,
             queue_timeout_s=settings.job_queue_timeout_s, job_timeout_s=settings.job_timeout_s,
             command_timeout_s=settings.command_timeout_s, restart_grace_s=settings.lost_after_s,
-            planner=settings.planner, planning_epoch_s=settings.planning_epoch_s))
+            planner=settings.planner, planning_epoch_s=settings.planning_epoch_s,
+            planning_queueing_slack=settings.planning_queueing_slack,
+            planning_wait_quantile=settings.planning_wait_quantile))
         self.profiler = ProfilerService(self)
 
     def to_unix(self, monotonic_s: float | None) -> float | None:

@@ -97,6 +97,8 @@ class PlanningInputs:
     utilization_target: float = 0.8
     time_limit_s: float = 4.0
     mip_rel_gap: float = 1e-2
+    queueing_slack: float = 0.0  # share of each latency target kept from service times for waiting
+    wait_quantile: float | None = None  # size pools for waits at this quantile (Problem.wait_quantile)
 
     def problem(self, rates: Mapping[Demand, float], state: ClusterState, objective: Objective = "energy",
                 caps: dict[str, tuple[float | None, ...]] | None = None) -> Problem:
@@ -106,7 +108,8 @@ class PlanningInputs:
         return Problem(workflows=self.workflows, catalog=self.catalog, demands=demands, hardware=state.hardware,
                        budgets=budgets, perf=self.perf, power_cap_levels=caps or {}, objective=objective,
                        slo=self.slo, utilization_target=self.utilization_target, stage_items=self.stage_items,
-                       time_limit_s=self.time_limit_s, mip_rel_gap=self.mip_rel_gap)
+                       time_limit_s=self.time_limit_s, mip_rel_gap=self.mip_rel_gap,
+                       queueing_slack=self.queueing_slack, wait_quantile=self.wait_quantile)
 
 
 # --- the reactive autoscaler (shared) ---------------------------------------------------------

@@ -116,6 +116,12 @@ class Problem:
     stage_items: dict[str, dict[str, float]] = field(default_factory=dict)
     time_limit_s: float = 4.0  # MILP solver time limit; the best plan found by then is returned ("feasible")
     mip_rel_gap: float = 1e-2  # the MILP stops within this fraction of the optimum (its LP bound); tests: 1e-9
+    # Queueing. The MILP sizes pools on service times; waits in a pool's queue come on top. The share
+    # ``queueing_slack`` of every latency target is kept from the service-time path for waiting; with
+    # ``wait_quantile`` set, pools then grow until that share of each demand's requests is predicted
+    # (M/M/c, Erlang C) to finish within its target, waits included. See docs/planning.md.
+    queueing_slack: float = 0.0
+    wait_quantile: float | None = None
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,12 @@ from policies.perf_model import (
     MAX_TP, devices_per_instance, knob_settings, model_memory_bytes, option_accuracy, runs_on_gpu,
 )
 from policies.plan import SLO_DIMENSIONS, SLO_TIERS, Demand, StageChoice
+from policies.queueing import probability_waits_within, wait_tail
 
 _EPS = 1e-9
 LATENCY_BINDING_FRACTION = 0.95  # a demand's latency is reported binding at >= 95 % of its target
 MAX_TP_SCALE = 2  # besides the smallest tensor-parallel size that fits, try up to this many times it
+MAX_QUEUEING_STEPS = 5000  # instances the queueing pass may add in one solve (each step adds one)
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,9 @@ class StageOption:
     config: InstanceConfig
     accuracy: float | None
     latency_s: float  # the stage's latency per workflow request (all waves of a mapped stage)
+    service_s: float  # one invocation on one batch slot
+    invocations: float  # per workflow request
+    slots: int  # requests one instance serves side by side
     load: float  # busy instance-equivalents per request/s of the workflow: invocations / capacity_rps
     energy_j: float  # per workflow request: invocations x energy per invocation (idle share at full load)
     dynamic_energy_j: float  # per workflow request, above the instances' idle power
@@ -68,8 +73,9 @@ class _DemandPlan:
     stages: list[str]
     upstream: dict[str, list[str]]
     options: dict[str, list[StageOption]]
-    target_s: float
+    target_s: float  # the end-to-end latency target, waits included
     accuracy_stages: int  # stages whose options have a known accuracy (for the mean)
+    service_target_s: float  # what the chosen options' service times may add up to (target less queueing slack)
 
 
 # --- options ---------------------------------------------------------------------------------
@@ -208,7 +214,8 @@ def _make_option(problem: Problem, exe: ExecutorSpec, knobs: dict[str, Any], key
     devices = devices_per_instance(exe, config, hw)
     dynamic = max(p.energy_j_per_request - p.idle_power_w / p.capacity_rps, 0.0)
     return StageOption(executor=exe.name, knobs=dict(knobs), knob_key=key, config=config, accuracy=accuracy,
-                       latency_s=waves * p.latency_s, load=invocations / p.capacity_rps,
+                       latency_s=waves * p.latency_s, service_s=p.latency_s, invocations=invocations,
+                       slots=in_flight, load=invocations / p.capacity_rps,
                        energy_j=invocations * p.energy_j_per_request, dynamic_energy_j=invocations * dynamic,
                        busy_power_w=p.busy_power_w, idle_power_w=p.idle_power_w, devices=devices,
                        price_per_hour_usd=devices * hw.price_per_hour_usd)
@@ -235,6 +242,22 @@ def path_latency_s(stages: list[str], upstream: Mapping[str, list[str]], latency
     for s in stages:
         finish[s] = max((finish[u] for u in upstream[s]), default=0.0) + latency[s]
     return max(finish.values(), default=0.0)
+
+
+def critical_path(stages: list[str], upstream: Mapping[str, list[str]], latency: Mapping[str, float]) -> list[str]:
+    """The stages of the longest path through the DAG by latency, in order."""
+    finish: dict[str, float] = {}
+    via: dict[str, str | None] = {}
+    for s in stages:
+        before = max(upstream[s], key=lambda u: finish[u], default=None)
+        via[s] = before
+        finish[s] = (finish[before] if before is not None else 0.0) + latency[s]
+    last: str | None = max(stages, key=lambda s: finish[s], default=None)
+    path: list[str] = []
+    while last is not None:
+        path.append(last)
+        last = via[last]
+    return path[::-1]
 
 
 def _tiers(demand: Demand) -> dict[str, str] | str:
@@ -325,11 +348,12 @@ def _demand_options(problem: Problem, demand: Demand, rate: float,
     tail: dict[str, float] = {}
     for s in reversed(names):
         tail[s] = max((best[v] + tail[v] for v in downstream[s]), default=0.0)
+    service_target_s = target_s * (1.0 - problem.queueing_slack)
     for s in names:
-        limit = target_s * (1 + 1e-9) + _EPS
+        limit = service_target_s * (1 + 1e-9) + _EPS
         options[s] = _prune_dominated([o for o in options[s] if head[s] + o.latency_s + tail[s] <= limit])
     accuracy_stages = sum(1 for s in names if any(o.accuracy is not None for o in options[s]))
-    return _DemandPlan(demand, rate, names, upstream, options, target_s, accuracy_stages)
+    return _DemandPlan(demand, rate, names, upstream, options, target_s, accuracy_stages, service_target_s)
 
 
 def latency_target_s(problem: Problem, demand: Demand,
@@ -494,7 +518,7 @@ class _Model:
             high[self.n0 + p] = max(n_high, 0)
         for d, plan in enumerate(self.plans):
             for s in plan.stages:
-                high[self.t0 + self.t_index[(d, s)]] = plan.target_s * (1 + 1e-9) + _EPS
+                high[self.t0 + self.t_index[(d, s)]] = plan.service_target_s * (1 + 1e-9) + _EPS
         self.integrality = np.ones(self.nvar)
         self.integrality[self.t0:self.t0 + self.nt] = 0
         self.low, self.high = low, high
@@ -575,7 +599,7 @@ class _Model:
             for s in plan.stages:
                 for i in sorted(self.first_x[(d, s)], key=score):
                     latency = {k: self.x[j][2].latency_s for k, j in {**fastest, **picked, s: i}.items()}
-                    if path_latency_s(plan.stages, plan.upstream, latency) > plan.target_s * (1 + 1e-9) + _EPS:
+                    if path_latency_s(plan.stages, plan.upstream, latency) > plan.service_target_s * (1 + 1e-9) + _EPS:
                         continue
                     if trial_ledger.add(self, i):
                         picked[s] = i
@@ -625,6 +649,12 @@ def optimize(problem: Problem) -> Solution:
     deadline = started + problem.time_limit_s
     if problem.objective not in ("energy", "cost", "accuracy"):
         return _empty(problem, {}, started, status=f"error: unknown objective {problem.objective!r}")
+    if not 0.0 <= problem.queueing_slack < 1.0:
+        return _empty(problem, {}, started, status=f"error: queueing_slack must be within [0, 1), got "
+                                                   f"{problem.queueing_slack}")
+    if problem.wait_quantile is not None and not 0.0 < problem.wait_quantile < 1.0:
+        return _empty(problem, {}, started, status=f"error: wait_quantile must be within (0, 1), got "
+                                                   f"{problem.wait_quantile}")
     if not 0.0 < problem.utilization_target <= 1.0:
         return _empty(problem, {}, started, status=f"error: utilization_target must be within (0, 1], got "
                                                    f"{problem.utilization_target}")
@@ -663,7 +693,105 @@ def optimize(problem: Problem) -> Solution:
     if x is None:  # the solver ran out of time without a plan: a greedy one beats none
         notes = (f"greedy plan: the MILP found no solution in {problem.time_limit_s:g} s ({status})",)
         x, status = model.greedy(), "feasible"
+    if problem.wait_quantile is not None:
+        x, queueing_notes = size_for_queueing(model, x, problem.wait_quantile)
+        notes += queueing_notes
     return _extract(problem, model, x, status, unserved, started, notes)
+
+
+def size_for_queueing(model: _Model, x: np.ndarray, quantile: float) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Add instances until each served demand meets its latency target, waits included, at ``quantile``.
+
+    Each pool is an M/M/c queue (c = instances x batch slots, Erlang C, ``policies.queueing``); a
+    request's waits along its critical path add up, and must fit in what its target leaves after
+    the service times. Greedy: the demand furthest below the quantile gets one instance more in the
+    pool on its path that raises its share most per device, within the budgets; a demand no
+    instance can help (its waits have no room at all, or budgets are spent) is reported in the notes.
+    """
+    problem = model.problem
+    x = x.copy()
+    counts = np.round(x[model.n0:model.n0 + model.np]).astype(int)
+    chosen: dict[int, dict[str, tuple[int, StageOption]]] = {}
+    for i, (d, s, o) in enumerate(model.x):
+        if x[i] > 0.5:
+            chosen.setdefault(d, {})[s] = (model.pool_of[i], o)
+    erlangs = np.zeros(model.np)
+    invocation_rate = np.zeros(model.np)
+    paths: dict[int, tuple[list[int], float]] = {}
+    for d, plan in enumerate(model.plans):
+        picks = chosen.get(d, {})
+        if len(picks) != len(plan.stages) or plan.rate_rps <= 0:
+            continue
+        for p, o in picks.values():
+            invocation_rate[p] += plan.rate_rps * o.invocations
+            erlangs[p] += plan.rate_rps * o.invocations * o.service_s
+        latency = {s: picks[s][1].latency_s for s in plan.stages}
+        path = critical_path(plan.stages, plan.upstream, latency)
+        paths[d] = ([picks[s][0] for s in path], plan.target_s - sum(latency[s] for s in path))
+    slots = [o.slots for o in model.pool_option]
+
+    def tail(p: int, n: int) -> tuple[float, float]:
+        mean_s = erlangs[p] / invocation_rate[p] if invocation_rate[p] > 0 else 0.0
+        return wait_tail(n * slots[p], erlangs[p], mean_s)
+
+    def within(d: int, grown: int | None = None) -> float:
+        pools, budget_s = paths[d]
+        return probability_waits_within(budget_s, [tail(p, counts[p] + (p == grown)) for p in pools])
+
+    budgets = problem.budgets
+    used_devices: dict[str, float] = {}
+    for p, o in enumerate(model.pool_option):
+        used_devices[o.config.hardware] = used_devices.get(o.config.hardware, 0.0) + counts[p] * o.devices
+    used_power = float(sum(counts[p] * o.busy_power_w for p, o in enumerate(model.pool_option)))
+    used_cost = float(sum(counts[p] * o.price_per_hour_usd for p, o in enumerate(model.pool_option)))
+
+    def fits(p: int) -> bool:
+        o = model.pool_option[p]
+        if used_devices[o.config.hardware] + o.devices > budgets.devices.get(o.config.hardware, 0) + _EPS:
+            return False
+        if budgets.power_w is not None and used_power + o.busy_power_w > budgets.power_w + _EPS:
+            return False
+        return budgets.cost_per_hour_usd is None or used_cost + o.price_per_hour_usd <= budgets.cost_per_hour_usd + _EPS
+
+    share = {d: within(d) for d in paths}
+    stuck: set[int] = set()
+    added = 0
+    for _ in range(MAX_QUEUEING_STEPS):
+        short = [(share[d], d) for d in paths if d not in stuck and share[d] < quantile - 1e-12]
+        if not short:
+            break
+        current, d = min(short)
+        best: tuple[float, int] | None = None
+        for p in sorted(set(paths[d][0])):
+            if not fits(p):
+                continue
+            gain = within(d, grown=p) - current
+            score = gain / max(model.pool_option[p].devices, 1e-3)
+            if gain > 1e-9 and (best is None or score > best[0]):
+                best = (score, p)
+        if best is None:
+            stuck.add(d)
+            continue
+        p = best[1]
+        o = model.pool_option[p]
+        counts[p] += 1
+        added += 1
+        used_devices[o.config.hardware] += o.devices
+        used_power += o.busy_power_w
+        used_cost += o.price_per_hour_usd
+        for other, (pools, _) in paths.items():
+            if p in pools:
+                share[other] = within(other)
+    x[model.n0:model.n0 + model.np] = counts
+    notes = []
+    if added:
+        notes.append(f"queueing: {added} instance(s) added so {quantile:.1%} of requests meet their targets "
+                     "with waits")
+    for d in sorted(stuck):
+        plan = model.plans[d]
+        notes.append(f"queueing: {plan.demand.workflow} {dict(plan.demand.slo) or 'default'} stays at "
+                     f"{share[d]:.1%} within its target (wait room {paths[d][1]:.3g} s; budgets or no room)")
+    return x, tuple(notes)
 
 
 def _empty(problem: Problem, unserved: dict[Demand, str], started: float, status: str = "") -> Solution:

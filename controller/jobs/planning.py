@@ -42,6 +42,24 @@ class PlanningConfig:
     utilization_target: float = 0.8
     rack_power_budget_w: dict[str, float] = field(default_factory=dict)
     time_limit_s: float = 4.0
+    queueing_slack: float = 0.2  # see Problem.queueing_slack
+    wait_quantile: float | None = 0.99  # see Problem.wait_quantile
+
+
+@dataclass(frozen=True)
+class PlanningInput:
+    """A snapshot of what one solve needs, taken on the event loop (see ``OptimizingPlanner.snapshot``)."""
+
+    workflows: dict[str, WorkflowSpec]
+    catalog: dict[str, ExecutorSpec]
+    wanted: tuple[Demand, ...]
+    rates: tuple[DemandRate, ...]
+    hardware: dict[str, HardwareType]
+    counts: dict[str, int]
+    perf: PerfModel
+    nodes: list[NodeState]
+    current: tuple[PlacedComponent, ...]
+    started_s: float
 
 
 @dataclass
@@ -143,8 +161,17 @@ class OptimizingPlanner:
     def plan(self, workflows: Mapping[str, WorkflowSpec], catalog: Mapping[str, ExecutorSpec],
              demands: Sequence[Demand], nodes: Sequence[NodeRecord], current: Sequence[PlacedComponent],
              now_s: float, predictors: Predictors | None = None) -> PlanOutcome:
-        """``predictors`` (fitted on stored profiles) take precedence over the catalog's model where they
-        cover an executor, hardware type and operating point."""
+        """Snapshot and solve in one call (tests, and callers that may block)."""
+        return self.solve(self.snapshot(workflows, catalog, demands, nodes, current, now_s, predictors))
+
+    def snapshot(self, workflows: Mapping[str, WorkflowSpec], catalog: Mapping[str, ExecutorSpec],
+                 demands: Sequence[Demand], nodes: Sequence[NodeRecord], current: Sequence[PlacedComponent],
+                 now_s: float, predictors: Predictors | None = None) -> PlanningInput:
+        """Everything a solve reads, copied on the event loop so ``solve`` can run on a thread.
+
+        ``predictors`` (fitted on stored profiles) take precedence over the catalog's model where they
+        cover an executor, hardware type and operating point.
+        """
         started = time.perf_counter()
         self.arrivals.roll(now_s)
         hardware, counts = fleet_hardware(nodes)
@@ -153,15 +180,23 @@ class OptimizingPlanner:
             perf = LearnedPerfModel(predictors, perf)
         wanted = [d for d in demands if d.workflow in workflows]
         rates = tuple(DemandRate(d, self.arrivals.rate_rps(d)) for d in wanted)
+        return PlanningInput(dict(workflows), dict(catalog), tuple(wanted), rates, hardware, counts, perf,
+                             node_states(nodes), tuple(current), started)
+
+    def solve(self, given: PlanningInput) -> PlanOutcome:
+        """The MILP, placement and the explanation; touches nothing the event loop changes."""
+        workflows, catalog, wanted, rates = given.workflows, given.catalog, given.wanted, given.rates
+        hardware, counts, perf, started = given.hardware, given.counts, given.perf, given.started_s
         problem = Problem(
             workflows=dict(workflows), catalog=dict(catalog), demands=rates, hardware=hardware,
             budgets=Budgets(devices=counts), perf=perf,
             power_cap_levels=power_cap_levels(hardware, CAP_FRACTIONS),
             objective=self.config.objective,  # type: ignore[arg-type]
             utilization_target=self.config.utilization_target, min_instances=1,
-            time_limit_s=self.config.time_limit_s)
+            time_limit_s=self.config.time_limit_s, queueing_slack=self.config.queueing_slack,
+            wait_quantile=self.config.wait_quantile)
         solution = _solve(problem)
-        placement = place(solution.instances, node_states(nodes), catalog, current,
+        placement = place(solution.instances, given.nodes, catalog, given.current,
                           PlacementLimits(rack_power_budget_w=dict(self.config.rack_power_budget_w)), perf=perf,
                           hardware=hardware)
         unsatisfiable = dict(solution.unserved)

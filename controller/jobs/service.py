@@ -32,7 +32,7 @@ from common.workflow.loader import SpecError, load_catalog, load_workflow
 from common.workflow.spec import WorkflowSpec
 from common.workflow.types import check_value, value_bytes
 from controller.jobs import executor as jx
-from controller.jobs.planning import OptimizingPlanner, PlanningConfig
+from controller.jobs.planning import OptimizingPlanner, PlanningConfig, PlanningInput, PlanOutcome
 from controller.jobs.store import InvocationRow, StoredJob, StoredWorkflow, WorkloadStore
 from controller import reconciler as rc
 from controller.registry import Liveness, NodeRecord
@@ -64,6 +64,8 @@ class WorkloadConfig:
     restart_grace_s: float = 30.0  # after a restart, how long to wait for known nodes before planning without them
     planner: str = "first-fit"  # "first-fit" | "murakkab" (forecast + MILP + placement with power caps)
     planning_epoch_s: float = 300.0  # murakkab: re-plan at least this often
+    planning_queueing_slack: float = 0.2  # murakkab: share of each latency target kept for waiting
+    planning_wait_quantile: float | None = 0.99  # murakkab: size pools so this share meets its target with waits
     power_limit_retry_s: float = 10.0
 
 
@@ -96,7 +98,10 @@ class WorkloadService:
         self._dispatched: dict[str, InvocationRow] = {}
         self._job_demands: dict[str, Demand] = {}  # unfinished job -> its demand (keeps its components planned)
         self._grace_until_s: float | None = None
-        self.optimizing = (OptimizingPlanner(PlanningConfig(epoch_s=config.planning_epoch_s))
+        self._planning: asyncio.Future[None] | None = None  # the optimizing planner's solve in flight
+        self.optimizing = (OptimizingPlanner(PlanningConfig(epoch_s=config.planning_epoch_s,
+                                                            queueing_slack=config.planning_queueing_slack,
+                                                            wait_quantile=config.planning_wait_quantile))
                            if config.planner == "murakkab" else None)
         self.power_limits: dict[tuple[str, int], float] = {}  # desired, per (node, device)
         self._power_limit_sent_s: dict[tuple[str, int], float] = {}
@@ -159,7 +164,10 @@ class WorkloadService:
         if self.in_restart_grace(now_s):
             return
         if self._replan_needed or now_s >= self._replan_at_s:
-            self.replan(now_s)
+            if self.optimizing is None:
+                self.replan(now_s)
+            elif self._planning is None or self._planning.done():
+                self._start_planning()
         self.perform(self.reconciler.handle(rc.Tick(now_s)))
         self._apply_power_limits(now_s)
 
@@ -277,22 +285,55 @@ class WorkloadService:
                    and r.state in ("pending", "starting", "ready")]
         return (*self.plan.components, *adopted)
 
-    def replan(self, now_s: float) -> Plan:
+    def _planning_snapshot(self, now_s: float) -> PlanningInput:
+        assert self.optimizing is not None
         self._replan_needed = False
+        self._replan_at_s = now_s + self.config.planning_epoch_s
         workflows = {name: spec for name, (_, spec) in self.workflows.items()}
         demands = sorted(set(self.demands) | set(self._job_demands.values()), key=repr)
+        profiler = getattr(self.c, "profiler", None)
+        return self.optimizing.snapshot(workflows, self.catalog, demands, list(self.c.registry.nodes.values()),
+                                        self._current_components(), now_s,
+                                        profiler.predictors if profiler is not None else None)
+
+    def _start_planning(self) -> asyncio.Future[None]:
+        """Solve on a worker thread (the MILP takes up to its time limit); one solve at a time."""
+        self._planning = asyncio.ensure_future(self._plan_off_loop())
+        self._planning.add_done_callback(_log_planning_failure)
+        return self._planning
+
+    async def _plan_off_loop(self) -> None:
+        assert self.optimizing is not None
+        given = self._planning_snapshot(self.c.clock())
+        outcome = await asyncio.to_thread(self.optimizing.solve, given)
+        self._adopt(outcome.plan, self.c.clock(), outcome)
+
+    async def replan_now(self, now_s: float) -> None:
+        """A plan from the latest inputs before going on (a submission for a demand the plan lacks)."""
+        if self.optimizing is None:
+            self.replan(now_s)
+            return
+        if self._planning is not None and not self._planning.done():
+            await asyncio.wait([self._planning])  # it may have started before this demand arrived
+        await asyncio.wait([self._start_planning()])  # a failure is logged; the caller sees no plan for it
+
+    def replan(self, now_s: float) -> Plan:
+        """Plan now, on the event loop: first fit always, the optimizing planner only after a restart."""
         if self.optimizing is not None:
-            self._replan_at_s = now_s + self.config.planning_epoch_s
-            profiler = getattr(self.c, "profiler", None)
-            outcome = self.optimizing.plan(workflows, self.catalog, demands, list(self.c.registry.nodes.values()),
-                                           self._current_components(), now_s,
-                                           profiler.predictors if profiler is not None else None)
-            plan, self.power_limits, self.explanation = outcome.plan, outcome.power_limits, outcome.explanation
-        else:
-            self._replan_at_s = now_s + self.config.replan_interval_s
-            started = time.perf_counter()
-            plan = first_fit.plan(workflows, self.catalog, demands, self.node_snapshots(), self._current_components())
-            self.explanation = first_fit_explanation(plan, time.perf_counter() - started)
+            outcome = self.optimizing.solve(self._planning_snapshot(now_s))
+            return self._adopt(outcome.plan, now_s, outcome)
+        self._replan_needed = False
+        self._replan_at_s = now_s + self.config.replan_interval_s
+        workflows = {name: spec for name, (_, spec) in self.workflows.items()}
+        demands = sorted(set(self.demands) | set(self._job_demands.values()), key=repr)
+        started = time.perf_counter()
+        plan = first_fit.plan(workflows, self.catalog, demands, self.node_snapshots(), self._current_components())
+        self.explanation = first_fit_explanation(plan, time.perf_counter() - started)
+        return self._adopt(plan, now_s)
+
+    def _adopt(self, plan: Plan, now_s: float, outcome: PlanOutcome | None = None) -> Plan:
+        if outcome is not None:
+            self.power_limits, self.explanation = outcome.power_limits, outcome.explanation
         if plan.components != self.plan.components or plan.notes != self.plan.notes:
             for note in plan.notes:
                 log.warning("plan: %s", note)
@@ -447,6 +488,8 @@ class WorkloadService:
 
     async def close(self) -> None:
         tasks = [*self._inflight.values(), *self._commands.values()]
+        if self._planning is not None:
+            tasks.append(self._planning)  # a solve already on its thread finishes there, unused
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -538,7 +581,7 @@ class WorkloadService:
 
     # --- admin: jobs -----------------------------------------------------------------------
 
-    def submit(self, msg: SubmitJob) -> Any:
+    async def submit(self, msg: SubmitJob) -> Any:
         if msg.idempotency_key:
             existing = self.store.job_for_key(msg.idempotency_key)
             if existing is not None:
@@ -560,7 +603,7 @@ class WorkloadService:
         if self._replan_needed or demand not in self.plan.choices:  # e.g. a workflow or catalog just applied
             new_demand = demand not in self.demands
             self.demands[demand] = now
-            self.replan(now)
+            await self.replan_now(now)
         else:
             new_demand = False
         if demand not in self.plan.choices:
@@ -678,6 +721,11 @@ class WorkloadService:
                 views.append(ComponentView(placed.node, True, None, placed.component_id, placed.executor,
                                            placed.device_indexes, status.last_error if status else ""))
         return ComponentList(tuple(views))
+
+
+def _log_planning_failure(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("planning failed; the current plan stays", exc_info=future.exception())
 
 
 def first_fit_explanation(plan: Plan, elapsed_s: float) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from controller.simulator.engine import Simulator
 from controller.simulator.report import write_plots, write_report
 from controller.simulator.scenario import POLICY_NAMES, Scenario
 from policies.baselines import EpochPolicy, MurakkabPolicy, PlanningInputs, StaticPolicy
-from policies.model import HardwareType, PerfModel, SloTargets
+from policies.model import HardwareType, PerfModel
 from policies.perf_model import CatalogPerfModel, standard_hardware
 
 
@@ -31,32 +31,21 @@ def stage_items(scenario: Scenario) -> dict[str, dict[str, float]]:
     return items
 
 
-def planning_slo(margin: float) -> SloTargets:
-    """The SLO targets the MILP policies plan with: every latency factor shrunk by ``margin``.
-
-    The optimizer sizes pools on service times alone; waiting in a pool's queue comes on top. A
-    margin leaves that share of each bound for queueing. Requests are still judged against the
-    unshrunk targets. The static policy ignores latency targets (best accuracy, fastest GPU).
-    """
-    base = SloTargets()
-    keep = 1.0 - margin
-    return SloTargets(accuracy_slack=dict(base.accuracy_slack),
-                      latency_factor={tier: factor * keep for tier, factor in base.latency_factor.items()},
-                      default_latency_factor=base.default_latency_factor * keep)
-
-
 def build_policy(name: str, scenario: Scenario, perf: PerfModel) -> Any:
     """One of the three policies, configured from the scenario's control section."""
     control = scenario.spec.control
+    # Both MILP policies keep the margin of every latency bound free for waiting; only murakkab sizes
+    # its pools for the waits (the paper's MILP sizes them on throughput).
     inputs = PlanningInputs(workflows=dict(scenario.workflows), catalog=dict(scenario.catalog), perf=perf,
-                            stage_items=stage_items(scenario), slo=planning_slo(control.latency_planning_margin))
+                            stage_items=stage_items(scenario), queueing_slack=control.latency_planning_margin)
     tick_s = control.reactive_interval_s
     if name == "static":
         return StaticPolicy(inputs)
     if name == "murakkab-epoch":
         return EpochPolicy(inputs, epoch_s=control.epoch_s.get(name, 3600.0), tick_s=tick_s)
     if name == "murakkab":
-        return MurakkabPolicy(inputs, epoch_s=control.epoch_s.get(name, 300.0), tick_s=tick_s)
+        return MurakkabPolicy(dataclasses.replace(inputs, wait_quantile=control.wait_quantile),
+                              epoch_s=control.epoch_s.get(name, 300.0), tick_s=tick_s)
     raise ValueError(f"unknown policy {name!r} (policies: {', '.join(POLICY_NAMES)})")
 
 

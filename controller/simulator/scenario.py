@@ -256,6 +256,9 @@ class ControlSpec(_Strict):
     latency_planning_margin: float = Field(
         0.0, ge=0, lt=1, description="share of every latency bound the MILP policies keep free for queueing: they "
                                      "plan against (1 - margin) x the bound; requests are judged against the bound")
+    wait_quantile: float | None = Field(
+        0.99, gt=0, lt=1, description="murakkab only: pools grow until this share of each demand's requests is "
+                                      "predicted (M/M/c) to meet its bound with waits; null: service times only")
 
     @field_validator("epoch_s")
     @classmethod

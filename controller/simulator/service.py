@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from controller.simulator.queueing import probability_waits_within, wait_tail
+from policies.queueing import probability_waits_within, wait_tail
 from controller.simulator.report import tier_label
 from controller.simulator.slo import SloJudge, StageCost
 from policies.model import InstanceConfig, Solution

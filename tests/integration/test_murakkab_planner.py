@@ -8,6 +8,8 @@ devices, jobs run, and ``plan show`` explains the result.
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from pathlib import Path
 
 from agent.tools.testdata import file_blob, make_test_video
@@ -48,5 +50,36 @@ def test_murakkab_planner_runs_jobs_applies_power_caps_and_explains_the_plan(tmp
                            for (node, index), watts in limits.items())
 
             await wait_until(applied, timeout_s=15, what="planned power limits applied on the sim GPUs")
+
+    asyncio.run(scenario())
+
+
+def test_the_milp_runs_off_the_event_loop_and_the_controller_answers_meanwhile(tmp_path: Path) -> None:
+    """A solve that takes seconds must not stall heartbeats and admin requests: it runs on a worker thread."""
+    async def scenario() -> None:
+        async with in_process_cluster(tmp_path, nodes=2, gpus=4, utilization=0.0,
+                                      controller_settings=SETTINGS) as cluster:
+            planner = cluster.controller.workloads.optimizing
+            assert planner is not None
+            solve = planner.solve
+            threads: list[int] = []
+
+            def slow_solve(given):  # type: ignore[no-untyped-def]
+                threads.append(threading.get_ident())
+                time.sleep(1.5)
+                return solve(given)
+
+            planner.solve = slow_solve  # type: ignore[method-assign]
+            await setup(cluster, ("video-qa.yaml", video_qa_yaml()))
+            video = file_blob(make_test_video(tmp_path / "v.avi", [(200, 30, 30)]))
+            submit = asyncio.ensure_future(call(cluster, SubmitJob("video-qa", {"video": video, "question": "q"},
+                                                                   {"accuracy": "basic"})))
+            await wait_until(lambda: bool(threads), timeout_s=10, what="a solve started")
+            started = time.perf_counter()
+            await call(cluster, GetPlan())  # answered while the solve sleeps on its thread
+            assert time.perf_counter() - started < 1.0
+            accepted = await submit
+            assert (await wait_job(cluster, accepted.job_id, 60)).state == "succeeded"
+            assert threading.get_ident() not in threads
 
     asyncio.run(scenario())

@@ -13,7 +13,7 @@ import yaml
 
 from controller.reconciler import Reconciler
 from controller.simulator.engine import Simulator
-from controller.simulator.queueing import erlang_c, probability_waits_within, wait_tail
+from policies.queueing import erlang_c, probability_waits_within, wait_tail
 from controller.simulator.report import without_wall_time
 from controller.simulator.run import build_policy, run_simulation, scenario_hardware
 from controller.simulator.scenario import ScenarioError, load_scenario, parse_scenario
@@ -375,8 +375,9 @@ def test_model_error_and_planning_margin_knobs() -> None:
     doc["spec"]["control"].update(service_time_factor=1.0, latency_planning_margin=0.25)
     scenario = parse(doc)
     policy = build_policy("murakkab", scenario, CatalogPerfModel(scenario_hardware(scenario)))
-    assert policy.inputs.slo.latency_factor["best"] == pytest.approx(1.25 * 0.75)
-    assert policy.inputs.slo.default_latency_factor == pytest.approx(10 * 0.75)
+    assert policy.inputs.queueing_slack == pytest.approx(0.25) and policy.inputs.wait_quantile == pytest.approx(0.99)
+    epoch = build_policy("murakkab-epoch", scenario, CatalogPerfModel(scenario_hardware(scenario)))
+    assert epoch.inputs.queueing_slack == pytest.approx(0.25) and epoch.inputs.wait_quantile is None
 
 
 # --- the command line ----------------------------------------------------------------------------------
