@@ -39,7 +39,7 @@ TARGETS = {
 
 
 def load(scenario_path: str, seed: int | None, margin: float | None, factor: float | None = None,
-         wait_quantile: float | None = None):
+         wait_quantile: float | None = None, switch_penalty: float | None = None):
     scenario = load_scenario(scenario_path)
     if seed is not None:
         scenario = scenario.with_seed(seed)
@@ -50,6 +50,8 @@ def load(scenario_path: str, seed: int | None, margin: float | None, factor: flo
         changes["service_time_factor"] = factor
     if wait_quantile is not None:
         changes["wait_quantile"] = wait_quantile if wait_quantile > 0 else None
+    if switch_penalty is not None:
+        changes["switch_penalty"] = switch_penalty
     if changes:
         control = scenario.spec.control.model_copy(update=changes)
         scenario = dataclasses.replace(scenario, spec=scenario.spec.model_copy(update={"control": control}))
@@ -58,8 +60,8 @@ def load(scenario_path: str, seed: int | None, margin: float | None, factor: flo
 
 def run_one(scenario_path: str, policy: str, out_dir: str, plots: bool, seed: int | None,
             margin: float | None = None, factor: float | None = None,
-            wait_quantile: float | None = None) -> dict[str, Any]:
-    scenario = load(scenario_path, seed, margin, factor, wait_quantile)
+            wait_quantile: float | None = None, switch_penalty: float | None = None) -> dict[str, Any]:
+    scenario = load(scenario_path, seed, margin, factor, wait_quantile, switch_penalty)
     started = time.perf_counter()
     report, _ = run_simulation(scenario, policy, Path(out_dir) / policy, plots=plots)
     report["run_wall_s"] = time.perf_counter() - started
@@ -169,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override control.service_time_factor (true service time / the planners' model)")
     parser.add_argument("--wait-quantile", type=float, default=None,
                         help="override control.wait_quantile (murakkab's queueing-aware sizing; 0 turns it off)")
+    parser.add_argument("--switch-penalty", type=float, default=None,
+                        help="override control.switch_penalty (murakkab's plan stability)")
     parser.add_argument("--jobs", type=int, default=1, help="policies simulated in parallel (processes)")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
@@ -178,21 +182,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown policies {unknown}; choose from {', '.join(POLICY_NAMES)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    scenario = load(args.scenario, args.seed, args.latency_margin, args.service_time_factor, args.wait_quantile)
+    scenario = load(args.scenario, args.seed, args.latency_margin, args.service_time_factor, args.wait_quantile,
+                    args.switch_penalty)
     seed = scenario.seed
     reports: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
     if args.jobs > 1:
         with ProcessPoolExecutor(max_workers=min(args.jobs, len(policies), os.cpu_count() or 1)) as pool:
             futures = {p: pool.submit(run_one, args.scenario, p, str(out), not args.no_plots, args.seed,
-                                      args.latency_margin, args.service_time_factor, args.wait_quantile)
+                                      args.latency_margin, args.service_time_factor, args.wait_quantile,
+                                      args.switch_penalty)
                        for p in policies}
             for p in policies:
                 reports[p] = futures[p].result()
     else:
         for p in policies:
             reports[p] = run_one(args.scenario, p, str(out), not args.no_plots, args.seed, args.latency_margin,
-                                 args.service_time_factor, args.wait_quantile)
+                                 args.service_time_factor, args.wait_quantile, args.switch_penalty)
             r = reports[p]
             print(f"{p}: {r['gpu_hours']:.1f} GPU-h, {r['energy_mwh']:.3f} MWh, ${r['cost_usd']:,.0f}, "
                   f"SLO {100 * (r['slo_attainment']['overall'] or 0):.2f} %, {r['sim_wall_s']:.1f} s", flush=True)

@@ -41,7 +41,9 @@ from policies.model import (
     SloTargets,
     Solution,
 )
-from policies.optimizer import StageOption, critical_path_s, latency_target_s, optimize, stage_options, with_instances
+from policies.optimizer import (
+    StageOption, critical_path_s, knob_key, latency_target_s, optimize, stage_options, with_instances,
+)
 from policies.perf_model import power_cap_levels
 from policies.plan import Demand, StageChoice
 
@@ -99,9 +101,10 @@ class PlanningInputs:
     mip_rel_gap: float = 1e-2
     queueing_slack: float = 0.0  # share of each latency target kept from service times for waiting
     wait_quantile: float | None = None  # size pools for waits at this quantile (Problem.wait_quantile)
+    switch_penalty: float = 0.0  # plan stability (Problem.switch_penalty)
 
     def problem(self, rates: Mapping[Demand, float], state: ClusterState, objective: Objective = "energy",
-                caps: dict[str, tuple[float | None, ...]] | None = None) -> Problem:
+                caps: dict[str, tuple[float | None, ...]] | None = None, running: Solution | None = None) -> Problem:
         demands = tuple(DemandRate(d, r) for d, r in sorted(rates.items(), key=lambda i: (i[0].workflow, i[0].slo)))
         budgets = Budgets(devices=dict(state.devices_available), power_w=self.power_budget_w,
                           cost_per_hour_usd=self.cost_budget_per_hour_usd)
@@ -109,7 +112,16 @@ class PlanningInputs:
                        budgets=budgets, perf=self.perf, power_cap_levels=caps or {}, objective=objective,
                        slo=self.slo, utilization_target=self.utilization_target, stage_items=self.stage_items,
                        time_limit_s=self.time_limit_s, mip_rel_gap=self.mip_rel_gap,
-                       queueing_slack=self.queueing_slack, wait_quantile=self.wait_quantile)
+                       queueing_slack=self.queueing_slack, wait_quantile=self.wait_quantile,
+                       incumbent=incumbent_of(running) if running is not None and self.switch_penalty > 0 else {},
+                       switch_penalty=self.switch_penalty)
+
+
+def incumbent_of(solution: Solution) -> dict[tuple[Demand, str], tuple[InstanceConfig, str]]:
+    """The running plan's per-stage picks, as ``Problem.incumbent`` wants them."""
+    return {(demand, stage): (config, knob_key(solution.choices[demand][stage].knobs))
+            for demand, stages in solution.configs.items() for stage, config in stages.items()
+            if stage in solution.choices.get(demand, {})}
 
 
 # --- the reactive autoscaler (shared) ---------------------------------------------------------
@@ -339,7 +351,7 @@ class _ForecastPolicy:
         rates = {d: self.forecast.forecast(d) for d in self.forecast.demands()}
         rates = {d: r for d, r in rates.items() if r >= self.min_rate_rps}  # faded demands get no instances
         caps = power_cap_levels(state.hardware, self.cap_fractions) if self.cap_fractions else None
-        self.solution = optimize(self.inputs.problem(rates, state, self.objective, caps))
+        self.solution = optimize(self.inputs.problem(rates, state, self.objective, caps, running=self.solution))
         self.plans += 1
         return Decision(self.solution, f"{self.name}: MILP, {why}, status {self.solution.status}, "
                                        f"{len(rates)} demand(s), solved in {self.solution.solve_s:.2f} s")

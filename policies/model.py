@@ -122,6 +122,11 @@ class Problem:
     # (M/M/c, Erlang C) to finish within its target, waits included. See docs/planning.md.
     queueing_slack: float = 0.0
     wait_quantile: float | None = None
+    # Plan stability: the running plan's per-stage picks, (demand, stage) -> (config, knob key as in
+    # StageOption.knob_key). An energy objective counts any other pick, and any pool the running
+    # plan lacks, ``switch_penalty`` (a fraction) dearer, so a re-plan moves work only for a real gain.
+    incumbent: dict[tuple[Demand, str], tuple[InstanceConfig, str]] = field(default_factory=dict)
+    switch_penalty: float = 0.0
 
 
 @dataclass(frozen=True)

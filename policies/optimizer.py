@@ -81,7 +81,7 @@ class _DemandPlan:
 # --- options ---------------------------------------------------------------------------------
 
 
-def _knob_key(knobs: Mapping[str, Any]) -> str:
+def knob_key(knobs: Mapping[str, Any]) -> str:
     return json.dumps(knobs, sort_keys=True, default=str)
 
 
@@ -170,7 +170,7 @@ def _stage_options(problem: Problem, workflow: Any, stage: Any, perf: _PerfCache
             accuracy = option_accuracy(exe, workflow.name, knobs)
             if min_accuracy is not None and (accuracy is None or accuracy < min_accuracy - _EPS):
                 continue
-            key = _knob_key(knobs)
+            key = knob_key(knobs)
             by_config: dict[tuple[str, int], list[tuple[InstanceConfig, Perf]]] = {}
             for config in configs:
                 p = perf.get(exe, config, knobs, key, items)
@@ -556,7 +556,7 @@ class _Model:
         (the cost optimum is highly degenerate) and gained 0.1 % energy on the day-mix problem."""
         energy = self.energy()
         if self.problem.objective == "energy":
-            return energy
+            return self._with_switch_penalty(energy)
         upper = float(energy[self.n0:self.n0 + self.np] @ self.high[self.n0:self.n0 + self.np])
         most: dict[tuple[int, str], float] = {}
         for i, (d, s, _) in enumerate(self.x):
@@ -573,6 +573,21 @@ class _Model:
                 steps += [b - a for a, b in itertools.pairwise(values) if b - a > 1e-12]
         weight = 0.5 * min(steps) / upper if steps and upper > 0 else 0.0
         return primary + weight * energy
+
+    def _with_switch_penalty(self, c: np.ndarray) -> np.ndarray:
+        """Picks and pools the running plan does not have cost ``switch_penalty`` more (see Problem.incumbent)."""
+        problem = self.problem
+        if not problem.incumbent or problem.switch_penalty <= 0:
+            return c
+        c = c.copy()
+        kept_configs = {config for config, _ in problem.incumbent.values()}
+        for i, (d, s, o) in enumerate(self.x):
+            if problem.incumbent.get((self.plans[d].demand, s)) != (o.config, o.knob_key):
+                c[i] *= 1.0 + problem.switch_penalty
+        for p, o in enumerate(self.pool_option):
+            if o.config not in kept_configs:
+                c[self.n0 + p] *= 1.0 + problem.switch_penalty
+        return c
 
     def greedy(self) -> np.ndarray:
         """A plan without the solver: demands by rate (largest first), each stage the best-scoring option that

@@ -44,7 +44,8 @@ def build_policy(name: str, scenario: Scenario, perf: PerfModel) -> Any:
     if name == "murakkab-epoch":
         return EpochPolicy(inputs, epoch_s=control.epoch_s.get(name, 3600.0), tick_s=tick_s)
     if name == "murakkab":
-        return MurakkabPolicy(dataclasses.replace(inputs, wait_quantile=control.wait_quantile),
+        return MurakkabPolicy(dataclasses.replace(inputs, wait_quantile=control.wait_quantile,
+                                                  switch_penalty=control.switch_penalty),
                               epoch_s=control.epoch_s.get(name, 300.0), tick_s=tick_s)
     raise ValueError(f"unknown policy {name!r} (policies: {', '.join(POLICY_NAMES)})")
 

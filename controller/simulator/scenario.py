@@ -259,6 +259,9 @@ class ControlSpec(_Strict):
     wait_quantile: float | None = Field(
         0.99, gt=0, lt=1, description="murakkab only: pools grow until this share of each demand's requests is "
                                       "predicted (M/M/c) to meet its bound with waits; null: service times only")
+    switch_penalty: float = Field(
+        0.0, ge=0, le=1, description="murakkab only: a re-plan moves a stage or opens a pool only when that saves "
+                                      "more than this share of its energy")
 
     @field_validator("epoch_s")
     @classmethod

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from common.workflow.catalog import ExecutorSpec
@@ -708,3 +709,65 @@ def test_forecast_follows_a_ramp_with_a_percentile_above_the_mean() -> None:
         forecast.observe(demand, -1.0)
     with pytest.raises(ValueError):
         EwmaForecast(alpha=0.0)
+
+
+# --- queueing-aware sizing and plan stability -------------------------------------------------------
+
+
+def test_queueing_slack_keeps_service_paths_below_the_target() -> None:
+    problem = day_mix(queueing_slack=0.2)
+    solution = optimize(problem)
+    assert not solution.unserved
+    for predicted in solution.predicted.values():
+        assert predicted.latency_s <= 0.8 * predicted.latency_target_s * (1 + 1e-9)
+
+
+def test_wait_quantile_grows_pools_until_waits_fit_and_budgets_hold() -> None:
+    plain = optimize(day_mix(queueing_slack=0.2))
+    problem = day_mix(queueing_slack=0.2, wait_quantile=0.99)
+    sized = optimize(problem)
+    assert sized.choices == plain.choices  # only instance counts change
+    assert all(sized.instances[c] >= n for c, n in plain.instances.items())
+    assert sum(sized.instances.values()) > sum(plain.instances.values())
+    assert any(note.startswith("queueing:") for note in sized.notes)
+    check_solution(problem, sized)
+    # A fixed point: sizing the sized plan again adds nothing.
+    model = optimizer._Model(problem, [p for d in problem.demands
+                                       if not isinstance(p := optimizer._demand_options(
+                                           problem, d.demand, d.rate_rps,
+                                           optimizer.stage_options(problem, sorted(_workflows()))), str)])
+    x = np.zeros(model.nvar)
+    for i, (d, s, o) in enumerate(model.x):
+        choice = sized.choices[model.plans[d].demand][s]
+        if choice.executor == o.executor and choice.knobs == o.knobs and \
+                sized.configs[model.plans[d].demand][s] == o.config:
+            x[i] = 1.0
+    for p, o in enumerate(model.pool_option):
+        x[model.n0 + p] = sized.instances.get(o.config, 0) if problem.share_instances else 0
+    again, notes = optimizer.size_for_queueing(model, x, 0.99)
+    assert np.array_equal(again[model.n0:model.n0 + model.np], x[model.n0:model.n0 + model.np]), notes
+
+
+def test_bad_queueing_parameters_are_errors() -> None:
+    assert optimize(day_mix(queueing_slack=1.0)).status.startswith("error: queueing_slack")
+    assert optimize(day_mix(wait_quantile=1.0)).status.startswith("error: wait_quantile")
+
+
+def test_switch_penalty_moves_fewer_stages_when_the_load_changes() -> None:
+    from policies.baselines import incumbent_of
+
+    first = optimize(day_mix())
+    incumbent = incumbent_of(first)
+
+    def moved(solution: Solution) -> int:
+        return sum(1 for d, stages in first.configs.items() for s, config in stages.items()
+                   if solution.configs[d][s] != config or solution.choices[d][s] != first.choices[d][s])
+
+    for scale in (0.9, 1.1):
+        grown = day_mix(rate_scale=scale)
+        free = optimize(grown)
+        sticky = optimize(replace(grown, incumbent=incumbent, switch_penalty=0.05))
+        assert not sticky.unserved
+        assert moved(sticky) < moved(free), scale
+        assert len(set(sticky.instances) - set(first.instances)) <= len(set(free.instances) - set(first.instances))
+        assert sticky.average_power_w <= free.average_power_w * 1.05  # it gives up at most the penalty
