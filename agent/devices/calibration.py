@@ -121,14 +121,21 @@ class ThermalFit:
     rms_error_c: float
 
 
+def _geometric(start: float, stop: float, factor: float) -> list[float]:
+    values = []
+    while start <= stop:
+        values.append(start)
+        start *= factor
+    return values
+
+
 def fit_thermal_ramp(times_s: Sequence[float], temperatures_c: Sequence[float]) -> ThermalFit | None:
     """Least-squares fit of a first-order warm-up; a grid over tau with T_ss solved in closed form."""
     if len(times_s) < 5:
         return None
     t0 = temperatures_c[0]
     best: tuple[float, float, float] | None = None
-    tau = 2.0
-    while tau <= 2000.0:
+    for tau in _geometric(2.0, 2000.0, 1.05):
         # T - T0 = (T_ss - T0) * (1 - exp(-t/tau)): linear in (T_ss - T0).
         gs = [1.0 - math.exp(-t / tau) for t in times_s]
         denominator = sum(g * g for g in gs)
@@ -137,7 +144,6 @@ def fit_thermal_ramp(times_s: Sequence[float], temperatures_c: Sequence[float]) 
             sse = sum((t0 + rise * g - temp) ** 2 for g, temp in zip(gs, temperatures_c))
             if best is None or sse < best[0]:
                 best = (sse, tau, t0 + rise)
-        tau *= 1.05
     if best is None:
         return None
     sse, tau, steady = best
@@ -153,14 +159,6 @@ class TwoPoleThermalFit:
     slow_rise_c: float
     slow_time_constant_s: float
     rms_error_c: float
-
-
-def _geometric(start: float, stop: float, factor: float) -> list[float]:
-    values = []
-    while start <= stop:
-        values.append(start)
-        start *= factor
-    return values
 
 
 def fit_thermal_ramp_two_pole(times_s: Sequence[float], temperatures_c: Sequence[float]) -> TwoPoleThermalFit | None:
