@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from controller.simulator.run import run_simulation  # noqa: E402
-from controller.simulator.scenario import POLICY_NAMES, load_scenario  # noqa: E402
+from controller.simulator.scenario import POLICY_NAMES, ControlSpec, load_scenario  # noqa: E402
 
 DEFAULT_SCENARIO = ROOT / "examples" / "scenarios" / "day-mix.yaml"
 DEFAULT_OUT = ROOT / "bench" / "results" / "planning"
@@ -38,34 +38,51 @@ TARGETS = {
 }
 
 
-def load(scenario_path: str, seed: int | None, margin: float | None, factor: float | None = None,
-         wait_quantile: float | None = None, switch_penalty: float | None = None):
+def control_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The scenario's control fields the command line overrides."""
+    changes: dict[str, Any] = {}
+    if args.latency_margin is not None:
+        changes["latency_planning_margin"] = args.latency_margin
+    if args.service_time_factor is not None:
+        changes["service_time_factor"] = args.service_time_factor
+    if args.wait_quantile is not None:
+        changes["wait_quantile"] = args.wait_quantile if args.wait_quantile > 0 else None
+    if args.switch_penalty is not None:
+        changes["switch_penalty"] = args.switch_penalty
+    if args.utilization_target is not None:
+        changes["utilization_target"] = {"murakkab": args.utilization_target}
+    if args.scale_band is not None:
+        low, high, target = args.scale_band
+        changes["scale_band"] = {"murakkab": {"low": low, "high": high, "target": target}}
+    return changes
+
+
+def load(scenario_path: str, seed: int | None, changes: dict[str, Any]):
     scenario = load_scenario(scenario_path)
     if seed is not None:
         scenario = scenario.with_seed(seed)
-    changes: dict[str, float | None] = {}
-    if margin is not None:
-        changes["latency_planning_margin"] = margin
-    if factor is not None:
-        changes["service_time_factor"] = factor
-    if wait_quantile is not None:
-        changes["wait_quantile"] = wait_quantile if wait_quantile > 0 else None
-    if switch_penalty is not None:
-        changes["switch_penalty"] = switch_penalty
     if changes:
-        control = scenario.spec.control.model_copy(update=changes)
+        # Validate the overrides as the scenario file's own fields would be.
+        control = ControlSpec.model_validate({**scenario.spec.control.model_dump(), **changes})
         scenario = dataclasses.replace(scenario, spec=scenario.spec.model_copy(update={"control": control}))
     return scenario
 
 
 def run_one(scenario_path: str, policy: str, out_dir: str, plots: bool, seed: int | None,
-            margin: float | None = None, factor: float | None = None,
-            wait_quantile: float | None = None, switch_penalty: float | None = None) -> dict[str, Any]:
-    scenario = load(scenario_path, seed, margin, factor, wait_quantile, switch_penalty)
+            changes: dict[str, Any]) -> dict[str, Any]:
+    scenario = load(scenario_path, seed, changes)
     started = time.perf_counter()
     report, _ = run_simulation(scenario, policy, Path(out_dir) / policy, plots=plots)
     report["run_wall_s"] = time.perf_counter() - started
     return report
+
+
+def _band(text: str) -> tuple[float, float, float]:
+    try:
+        low, high, target = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH,TARGET (three numbers), got {text!r}") from None
+    return low, high, target
 
 
 def ratio(baseline: float | None, ours: float | None) -> float | None:
@@ -173,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="override control.wait_quantile (murakkab's queueing-aware sizing; 0 turns it off)")
     parser.add_argument("--switch-penalty", type=float, default=None,
                         help="override control.switch_penalty (murakkab's plan stability)")
+    parser.add_argument("--utilization-target", type=float, default=None,
+                        help="override murakkab's MILP utilization target (control.utilization_target)")
+    parser.add_argument("--scale-band", type=_band, default=None, metavar="LOW,HIGH,TARGET",
+                        help="override murakkab's reactive autoscaler band (control.scale_band)")
     parser.add_argument("--jobs", type=int, default=1, help="policies simulated in parallel (processes)")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
@@ -182,23 +203,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown policies {unknown}; choose from {', '.join(POLICY_NAMES)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    scenario = load(args.scenario, args.seed, args.latency_margin, args.service_time_factor, args.wait_quantile,
-                    args.switch_penalty)
+    changes = control_changes(args)
+    try:
+        scenario = load(args.scenario, args.seed, changes)
+    except ValueError as error:  # pydantic's ValidationError is one
+        parser.error(f"control overrides: {error}")
     seed = scenario.seed
     reports: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
     if args.jobs > 1:
         with ProcessPoolExecutor(max_workers=min(args.jobs, len(policies), os.cpu_count() or 1)) as pool:
-            futures = {p: pool.submit(run_one, args.scenario, p, str(out), not args.no_plots, args.seed,
-                                      args.latency_margin, args.service_time_factor, args.wait_quantile,
-                                      args.switch_penalty)
+            futures = {p: pool.submit(run_one, args.scenario, p, str(out), not args.no_plots, args.seed, changes)
                        for p in policies}
             for p in policies:
                 reports[p] = futures[p].result()
     else:
         for p in policies:
-            reports[p] = run_one(args.scenario, p, str(out), not args.no_plots, args.seed, args.latency_margin,
-                                 args.service_time_factor, args.wait_quantile, args.switch_penalty)
+            reports[p] = run_one(args.scenario, p, str(out), not args.no_plots, args.seed, changes)
             r = reports[p]
             print(f"{p}: {r['gpu_hours']:.1f} GPU-h, {r['energy_mwh']:.3f} MWh, ${r['cost_usd']:,.0f}, "
                   f"SLO {100 * (r['slo_attainment']['overall'] or 0):.2f} %, {r['sim_wall_s']:.1f} s", flush=True)
@@ -207,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                     "latency_planning_margin": scenario.spec.control.latency_planning_margin,
                     "service_time_factor": scenario.spec.control.service_time_factor,
                     "wait_quantile": scenario.spec.control.wait_quantile,
+                    "control_overrides": changes,
                     "bench_wall_s": time.perf_counter() - started})
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     table = markdown(summary, scenario.name, seed, scenario.spec.control.latency_planning_margin,

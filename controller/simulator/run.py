@@ -10,7 +10,10 @@ from typing import Any
 from controller.simulator.engine import Simulator
 from controller.simulator.report import write_plots, write_report
 from controller.simulator.scenario import POLICY_NAMES, Scenario
-from policies.baselines import EpochPolicy, MurakkabPolicy, PlanningInputs, StaticPolicy
+from policies.baselines import (
+    MURAKKAB_SCALE_BAND, MURAKKAB_UTILIZATION_TARGET, PAPER_SCALE_BAND, EpochPolicy, MurakkabPolicy, PlanningInputs,
+    ScaleBand, StaticPolicy,
+)
 from policies.model import HardwareType, PerfModel
 from policies.perf_model import CatalogPerfModel, standard_hardware
 
@@ -39,14 +42,21 @@ def build_policy(name: str, scenario: Scenario, perf: PerfModel) -> Any:
     inputs = PlanningInputs(workflows=dict(scenario.workflows), catalog=dict(scenario.catalog), perf=perf,
                             stage_items=stage_items(scenario), queueing_slack=control.latency_planning_margin)
     tick_s = control.reactive_interval_s
+    if name in control.utilization_target:
+        inputs = dataclasses.replace(inputs, utilization_target=control.utilization_target[name])
+    band = control.scale_band.get(name)
     if name == "static":
         return StaticPolicy(inputs)
     if name == "murakkab-epoch":
-        return EpochPolicy(inputs, epoch_s=control.epoch_s.get(name, 3600.0), tick_s=tick_s)
+        return EpochPolicy(inputs, epoch_s=control.epoch_s.get(name, 3600.0), tick_s=tick_s,
+                           scale_band=PAPER_SCALE_BAND if band is None else ScaleBand(band.low, band.high, band.target))
     if name == "murakkab":
         return MurakkabPolicy(dataclasses.replace(inputs, wait_quantile=control.wait_quantile,
                                                   switch_penalty=control.switch_penalty),
-                              epoch_s=control.epoch_s.get(name, 300.0), tick_s=tick_s)
+                              epoch_s=control.epoch_s.get(name, 300.0), tick_s=tick_s,
+                              utilization_target=control.utilization_target.get(name, MURAKKAB_UTILIZATION_TARGET),
+                              scale_band=MURAKKAB_SCALE_BAND if band is None else
+                              ScaleBand(band.low, band.high, band.target))
     raise ValueError(f"unknown policy {name!r} (policies: {', '.join(POLICY_NAMES)})")
 
 

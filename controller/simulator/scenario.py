@@ -242,6 +242,20 @@ class StartupSpec(_Strict):
     tool_s: float = Field(2.0, ge=0, description="start-up of tool components")
 
 
+class ScaleBandSpec(_Strict):
+    """The reactive autoscaler's band: it acts below ``low`` or above ``high`` and scales back to ``target``."""
+
+    low: float = Field(ge=0, le=1)
+    high: float = Field(gt=0)
+    target: float = Field(gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ScaleBandSpec":
+        if not self.low < self.target < self.high:
+            raise ValueError(f"needs low < target < high, got low {self.low}, target {self.target}, high {self.high}")
+        return self
+
+
 class ControlSpec(_Strict):
     reactive_interval_s: float = Field(60.0, gt=0, description="how often policies are asked for a decision")
     epoch_s: dict[str, float] = Field(default_factory=dict, description="policy name -> planning epoch override")
@@ -262,6 +276,12 @@ class ControlSpec(_Strict):
     switch_penalty: float = Field(
         0.0, ge=0, le=1, description="murakkab only: a re-plan moves a stage or opens a pool only when that saves "
                                       "more than this share of its energy")
+    utilization_target: dict[str, float] = Field(
+        default_factory=dict, description="policy name -> the utilization its pools are sized for (defaults: 0.8; "
+                                          "murakkab 0.85, see policies/baselines.py)")
+    scale_band: dict[str, ScaleBandSpec] = Field(
+        default_factory=dict, description="murakkab-epoch or murakkab -> its reactive autoscaler band (defaults: "
+                                          "[0.3, 0.85] back to 0.6; murakkab [0.3, 0.92] back to 0.8)")
 
     @field_validator("epoch_s")
     @classmethod
@@ -271,6 +291,25 @@ class ControlSpec(_Strict):
                 raise ValueError(f"{name}: unknown policy (policies: {', '.join(POLICY_NAMES)})")
             if not epoch > 0:
                 raise ValueError(f"{name}: epoch must be positive, got {epoch}")
+        return value
+
+    @field_validator("utilization_target")
+    @classmethod
+    def _known_utilization(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, target in value.items():
+            if name not in POLICY_NAMES:
+                raise ValueError(f"{name}: unknown policy (policies: {', '.join(POLICY_NAMES)})")
+            if not 0 < target <= 1:
+                raise ValueError(f"{name}: utilization target must be within (0, 1], got {target}")
+        return value
+
+    @field_validator("scale_band")
+    @classmethod
+    def _scaling_policies(cls, value: dict[str, ScaleBandSpec]) -> dict[str, ScaleBandSpec]:
+        scaling = [p for p in POLICY_NAMES if p != "static"]
+        for name in value:
+            if name not in scaling:
+                raise ValueError(f"{name}: not a policy that scales reactively (those are: {', '.join(scaling)})")
         return value
 
 

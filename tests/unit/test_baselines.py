@@ -15,6 +15,7 @@ from policies.baselines import (
     EpochPolicy,
     MurakkabPolicy,
     PlanningInputs,
+    ScaleBand,
     StaticPolicy,
     reactive_scale,
 )
@@ -120,6 +121,28 @@ def test_epoch_policy_scales_reactively_between_epochs() -> None:
     assert policy.decide(120.0, {RAG_BEST: 3.0}, state(up.solution.instances, {hot: 0.7})) is None  # in band
     down = policy.decide(180.0, {RAG_BEST: 0.1}, state(up.solution.instances, {hot: 0.05}))
     assert down is not None and down.solution.instances[hot] == 1
+
+
+def test_murakkab_scales_only_near_shedding_and_back_to_its_band_target() -> None:
+    ours, paper = MurakkabPolicy(inputs()), EpochPolicy(inputs())
+    assert ours.inputs.utilization_target == pytest.approx(0.85) and inputs().utilization_target == pytest.approx(0.8)
+    mine, theirs = ours.decide(0.0, {RAG_BEST: 1.0}, state()), paper.decide(0.0, {RAG_BEST: 1.0}, state())
+    assert mine is not None and theirs is not None
+    hot = max((c for c in mine.solution.instances if c.hardware != "cpu"), key=lambda c: mine.solution.instances[c])
+    warm = next(c for c in theirs.solution.instances if c.hardware != "cpu")
+    n = mine.solution.instances[hot]
+    assert ours.decide(60.0, {RAG_BEST: 1.0}, state(mine.solution.instances, {hot: 0.9})) is None  # within 0.92
+    up = ours.decide(120.0, {RAG_BEST: 1.2}, state(mine.solution.instances, {hot: 0.97}))
+    assert up is not None and up.solution.instances[hot] == math.ceil(n * 0.97 / 0.8)
+    assert paper.decide(60.0, {RAG_BEST: 1.0}, state(theirs.solution.instances, {warm: 0.9})) is not None  # > 0.85
+
+
+def test_scale_band_and_utilization_target_are_checked() -> None:
+    with pytest.raises(ValueError, match="low < target < high"):
+        ScaleBand(low=0.3, high=0.7, target=0.8)
+    with pytest.raises(ValueError, match="utilization_target"):
+        MurakkabPolicy(inputs(), utilization_target=1.2)
+    assert MurakkabPolicy(inputs(), utilization_target=None).inputs.utilization_target == pytest.approx(0.8)
 
 
 def test_a_new_demand_triggers_a_plan_before_the_epoch_ends() -> None:
