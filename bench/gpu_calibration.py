@@ -10,7 +10,8 @@ limits). It runs, in one process:
 2. a warm-up ramp: a bf16 GEMM loop at the default power limit, temperature every 0.5 s, fitted
    to a first-order model (time constant, steady temperature);
 3. a power-cap sweep: for each limit (through ``NvmlGpu.set_power_limit``, the agent's code path),
-   a compute-bound bf16 GEMM and a bandwidth-bound GEMV (the shape of LLM decode), each measured
+   a compute-bound bf16 GEMM, a bandwidth-bound GEMV (the shape of LLM decode) and a mix of the
+   two (one GEMM and 8 GEMVs per call: held out, the model is not fitted to it), each measured
    over a steady window: median power, SM clock, temperature, throughput, energy per unit of work
    from the energy counter;
 4. NVML backend checks: energy counter against integrated power, an out-of-range limit refused,
@@ -18,6 +19,8 @@ limits). It runs, in one process:
 
 It then compares the sim model (``agent/devices/sim.operating_point``) with the measurements
 (``agent/devices/calibration``) and writes DIR/gpu_calibration.json and DIR/gpu_calibration.png.
+``--reanalyse DIR/gpu_calibration.json`` repeats the comparison against the model as it is now,
+without a GPU, and rewrites the analysis (and the plot) in place.
 ``--backend sim --torch-device cpu`` runs the same code path against a simulated GPU and CPU
 tensors: a smoke test of the script, not a measurement.
 """
@@ -45,6 +48,7 @@ from agent.devices.calibration import (  # noqa: E402
     calibrated_spec,
     compare,
     comparison_report,
+    mixed_share,
     fit_activity,
     fit_dvfs_exponent,
     fit_thermal_ramp,
@@ -54,6 +58,7 @@ from agent.devices.gpu_specs import gpu_spec  # noqa: E402
 from common.protocol import DeviceTelemetry  # noqa: E402
 
 SAMPLE_INTERVAL_S = 0.1
+MIXED_GEMVS = 8  # GEMVs per GEMM in the mixed workload (about half its uncapped time in each, on an H100)
 
 
 class Sampler:
@@ -103,13 +108,30 @@ class Workload:
             self.units_per_call = 2.0 * n ** 3 / 1e12  # TFLOP
             self.call = lambda: self.a @ self.b
             self.calls_per_sync = 2 if small else 50
-        else:  # decode-shaped GEMV: reads the whole weight matrix once per call
+        elif name == "memory":  # decode-shaped GEMV: reads the whole weight matrix once per call
             rows, cols, batch = (2048, 2048, 8) if small else (16384, 16384, 8)
             self.w = torch.randn(rows, cols, dtype=dtype, device=device)
             self.x = torch.randn(cols, batch, dtype=dtype, device=device)
             self.units_per_call = rows * cols * 2 / 1e9  # GB of weights read
             self.call = lambda: self.w @ self.x
             self.calls_per_sync = 2 if small else 200
+        if name == "mixed":  # one GEMM and MIXED_GEMVS GEMVs per call: a prefill-and-decode-like mix
+            n = 1024 if small else 8192
+            rows, cols, batch = (2048, 2048, 8) if small else (16384, 16384, 8)
+            self.a = torch.randn(n, n, dtype=dtype, device=device)
+            self.b = torch.randn(n, n, dtype=dtype, device=device)
+            self.w = torch.randn(rows, cols, dtype=dtype, device=device)
+            self.x = torch.randn(cols, batch, dtype=dtype, device=device)
+            self.units_per_call = 1.0  # calls
+            self.gemm_tflop = 2.0 * n ** 3 / 1e12
+            self.gemv_gb = rows * cols * 2 / 1e9 * MIXED_GEMVS
+
+            def call() -> None:
+                self.a @ self.b
+                for _ in range(MIXED_GEMVS):
+                    self.w @ self.x
+            self.call = call
+            self.calls_per_sync = 2 if small else 10
 
     def synchronize(self) -> None:
         if self.device.startswith("cuda"):
@@ -207,7 +229,10 @@ def main() -> int:
     parser.add_argument("--ramp-s", type=float, default=60.0)
     parser.add_argument("--caps", default="", help="comma-separated watts; default: max, 6/7, 5/7 ... of max down to min")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_calibration"))
+    parser.add_argument("--reanalyse", metavar="JSON", help="compare a stored run with the model as it is now")
     args = parser.parse_args()
+    if args.reanalyse:
+        return reanalyse(Path(args.reanalyse))
 
     import torch
 
@@ -245,7 +270,9 @@ def main() -> int:
         result["driver"] = f"unknown ({exc})"
     result["backend_checks"] = backend_checks(device)
     workloads = {name: Workload(name, unit, torch, args.torch_device, small)
-                 for name, unit in (("compute", "TFLOP"), ("memory", "GB"))}
+                 for name, unit in (("compute", "TFLOP"), ("memory", "GB"), ("mixed", "call"))}
+    result["mixed_workload"] = {"gemm_tflop_per_call": workloads["mixed"].gemm_tflop,
+                                "gemv_gb_per_call": workloads["mixed"].gemv_gb}
     points: list[CapPoint] = []
     sweep: list[dict[str, Any]] = []
     limit_errors: list[str] = []
@@ -315,18 +342,53 @@ def main() -> int:
     return 0
 
 
+def reanalyse(path: Path) -> int:
+    """Recompute a stored run's analysis against the model (gpu_specs, sim) as it is now."""
+    result = json.loads(path.read_text())
+    spec = gpu_spec(result["spec_key"])
+    points = [CapPoint(workload=s["workload"], power_limit_w=float(s["power_limit_w"]), power_w=s["power_w"],
+                       sm_clock_mhz=s["sm_clock_mhz"], temperature_c=s["temperature_c"], throughput=s["throughput"],
+                       energy_per_unit_j=s["energy_per_unit_j"], throttle_reasons=tuple(s["throttle_reasons"]))
+              for s in result["sweep"]]
+    result["spec"] = {k: v for k, v in asdict(spec).items() if k != "sources"}
+    result["analysis"] = analyse(spec, points, result)
+    result["reanalysed_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    plot(result, path.with_suffix(".png"))
+    print(json.dumps(result["analysis"], indent=2, default=str))
+    print(f"rewrote {path}")
+    return 0
+
+
+WORKLOAD_SHARES = {"compute": 0.0, "memory": 1.0}  # the model's bandwidth-bound share of the pure workloads
+
+
+def workload_share(name: str, points: list[CapPoint], result: dict[str, Any]) -> float | None:
+    """The pure workloads' shares, and the mix's from the pure workloads' uncapped speeds (None: unknown)."""
+    if name in WORKLOAD_SHARES:
+        return WORKLOAD_SHARES[name]
+    mix = result.get("mixed_workload")
+    uncapped = {p.workload: p for p in points if p.power_limit_w == max(q.power_limit_w for q in points)}
+    if mix is None or "compute" not in uncapped or "memory" not in uncapped:
+        return None
+    return mixed_share(mix["gemm_tflop_per_call"] / uncapped["compute"].throughput,
+                       mix["gemv_gb_per_call"] / uncapped["memory"].throughput)
+
+
 def analyse(spec: Any, points: list[CapPoint], result: dict[str, Any]) -> dict[str, Any]:
     analysis: dict[str, Any] = {}
     idle_w = result["idle"]["power_w"] if "idle" in result else None
-    for name in ("compute", "memory"):
+    for name in ("compute", "memory", "mixed"):
         mine = [p for p in points if p.workload == name]
-        if not mine:
+        share = workload_share(name, points, result)
+        if not mine or share is None:
             continue
         uncapped = max(mine, key=lambda p: p.power_limit_w)
-        activity = fit_activity(spec, uncapped)
-        rows = compare(spec, mine, activity)
+        activity = fit_activity(spec, uncapped, share)
+        rows = compare(spec, mine, activity, share)
         analysis[name] = {
             "fitted_activity": activity,
+            "memory_bound_share": share,
             "model_as_specified": comparison_report(rows),
             "measured_dvfs_exponent": fit_dvfs_exponent(mine, idle_w if idle_w else spec.idle_power_w,
                                                         spec.max_sm_clock_mhz),
@@ -355,12 +417,12 @@ def analyse(spec: Any, points: list[CapPoint], result: dict[str, Any]) -> dict[s
         k = analysis["compute"]["measured_dvfs_exponent"]
         thermal = analysis.get("thermal", {})
         measured_rise = thermal.get("measured_k_per_w")
-        tuned = calibrated_spec(spec, idle_power_w=idle_w, dvfs_power_exponent=k,
+        tuned = calibrated_spec(spec, context_idle_power_w=idle_w, dvfs_power_exponent=k,
                                 time_constant_s=thermal.get("measured_time_constant_s") if measured_rise else None,
                                 steady_rise_k_per_w=measured_rise)
         tuned_activity = fit_activity(tuned, max(compute, key=lambda p: p.power_limit_w))
         analysis["compute"]["model_with_measured_constants"] = comparison_report(compare(tuned, compute, tuned_activity))
-        analysis["calibrated_constants"] = {"idle_power_w": tuned.idle_power_w,
+        analysis["calibrated_constants"] = {"context_idle_power_w": tuned.busy_idle_power_w,
                                             "dvfs_power_exponent": tuned.dvfs_power_exponent,
                                             "heat_capacity_j_per_k": tuned.heat_capacity_j_per_k,
                                             "thermal_resistance_k_per_w": tuned.thermal_resistance_k_per_w,
@@ -380,7 +442,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     analysis = result["analysis"]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for name, marker in (("compute", "o"), ("memory", "s")):
+    for name, marker in (("compute", "o"), ("memory", "s"), ("mixed", "^")):
         rows = analysis.get(name, {}).get("model_as_specified", {}).get("points", [])
         if not rows:
             continue

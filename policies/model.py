@@ -28,6 +28,12 @@ class HardwareType:
     min_power_cap_w: float | None  # lowest settable power limit; None: not cappable
     price_per_hour_usd: float  # per device (cloud list price or amortised cost; the scenario says which)
     cores: int = 0  # CPU hardware: cores per device (CPU executors take resources.cpu_cores of them); 0 = unknown
+    loaded_idle_power_w: float = 0.0  # per device, idle with an engine loaded (a GPU holding a CUDA context); 0: idle
+
+    @property
+    def instance_idle_power_w(self) -> float:
+        """What a device serving an instance draws between requests."""
+        return max(self.loaded_idle_power_w, self.idle_power_w)
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,12 @@ The model, per instance of executor ``e`` on configuration (hardware ``h``, ``tp
   hardware type, else ``h100``, at the catalog's ``gpu_count``; CPU executors: the CPU.
 - Hardware: ``L = L0 * speed[ref] / speed[h] * (gpu_count / tp) ** TP_SCALING_EXPONENT``.
 - Power cap: the GPU's DVFS model (``agent.devices.sim.operating_point``) at the executor's utilization
-  (``sim.utilization``; vLLM: ``DEFAULT_GPU_UTILIZATION``) and 25 C gives the clock ``f`` and per-device
-  power under the cap; latency scales by ``f_max / f`` (the sim engine's rule), busy power is
-  ``tp * power``. Uncapped means the default power limit.
+  and bandwidth-bound share (``sim.utilization`` and ``sim.memory_bound_share``; vLLM:
+  ``DEFAULT_GPU_UTILIZATION`` and ``DEFAULT_MEMORY_BOUND_SHARE``) and 25 C gives the clock and the
+  per-device power under the cap; latency scales by the operating point's slowdown (the sim engine's
+  rule: compute-bound work by ``f_max / f``, bandwidth-bound work only below the knee clock), busy
+  power is ``tp * power``, idle power ``tp`` times the device's idle with an engine loaded (a CUDA
+  context held: 123 W on an H100 against 75 W without). Uncapped means the default power limit.
 - Capacity: ``capacity_rps = c_eff / L`` with ``c_eff`` the requests served side by side at latency L:
   GPU sim executors ``max_concurrency`` (the sim engine's service time does not grow with
   concurrency); GPU vLLM ``max_concurrency * VLLM_BATCHING_EFFICIENCY`` (per-request latency grows as
@@ -57,6 +60,7 @@ TP_SCALING_EXPONENT = 0.6  # estimate: doubling tensor parallelism cuts latency 
 VLLM_BATCHING_EFFICIENCY = 0.7  # estimate: share of max_concurrency a vLLM engine serves at its typical latency
 SIM_BATCHING_EFFICIENCY = 1.0  # the sim engine's latency does not depend on how many requests are in flight
 DEFAULT_GPU_UTILIZATION = 0.8  # estimate: utilization of a vLLM engine's GPU while it serves
+DEFAULT_MEMORY_BOUND_SHARE = 0.6  # estimate: share of a vLLM engine's device time in bandwidth-bound decode
 CPU_BUSY_UTILIZATION = 1.0  # a CPU executor keeps its cores busy while it runs
 MAX_TP = 8
 
@@ -77,7 +81,8 @@ def standard_hardware() -> dict[str, HardwareType]:
     def gpu(spec: GpuSpec, price: float) -> HardwareType:
         return HardwareType(name=spec.key, kind="gpu", memory_bytes=spec.memory_total_bytes,
                             idle_power_w=spec.idle_power_w, max_power_w=spec.tdp_w,
-                            min_power_cap_w=spec.power_limit_min_w, price_per_hour_usd=price)
+                            min_power_cap_w=spec.power_limit_min_w, price_per_hour_usd=price,
+                            loaded_idle_power_w=spec.busy_idle_power_w)
 
     return {
         "h100": gpu(GPU_SPECS["h100"], 98.32 / 8),
@@ -86,6 +91,13 @@ def standard_hardware() -> dict[str, HardwareType]:
         "cpu": HardwareType(name="cpu", kind="cpu", memory_bytes=384 * GIB, idle_power_w=140.0, max_power_w=700.0,
                             min_power_cap_w=None, price_per_hour_usd=8.568, cores=96),
     }
+
+
+def gpu_activity(executor: ExecutorSpec) -> tuple[float, float]:
+    """(utilization, bandwidth-bound share) of an executor's GPU work: its sim section, else the defaults."""
+    if executor.sim is not None:
+        return executor.sim.utilization, executor.sim.memory_bound_share
+    return DEFAULT_GPU_UTILIZATION, DEFAULT_MEMORY_BOUND_SHARE
 
 
 def runs_on_gpu(executor: ExecutorSpec) -> bool:
@@ -237,29 +249,31 @@ class CatalogPerfModel:
         ref = self.reference_hardware(executor)
         speed = self.relative_speed[ref] / self.relative_speed[hw.name]
         tp_factor = (executor.resources.gpu_count / config.tp) ** TP_SCALING_EXPONENT
-        utilization = executor.sim.utilization if executor.sim is not None else DEFAULT_GPU_UTILIZATION
-        slowdown, device_busy_w = self._capped(hw, utilization, config.power_cap_w)
+        utilization, share = gpu_activity(executor)
+        slowdown, device_busy_w = self._capped(hw, utilization, config.power_cap_w, share)
         latency_s = base_s * speed * tp_factor * slowdown
         efficiency = SIM_BATCHING_EFFICIENCY if executor.engine == "sim" else VLLM_BATCHING_EFFICIENCY
         in_flight = max(1.0, executor.max_concurrency * efficiency)
         capacity_rps = in_flight / latency_s
         busy_w = config.tp * device_busy_w
         return Perf(latency_s=latency_s, capacity_rps=capacity_rps, energy_j_per_request=busy_w / capacity_rps,
-                    busy_power_w=busy_w, idle_power_w=config.tp * hw.idle_power_w,
+                    busy_power_w=busy_w, idle_power_w=config.tp * hw.instance_idle_power_w,
                     memory_bytes_per_device=math.ceil(model_memory_bytes(executor) / config.tp), source="modeled")
 
-    def _capped(self, hw: HardwareType, utilization: float, cap_w: float | None) -> tuple[float, float]:
-        """(latency slowdown f_max / f, device power) under the cap at this utilization."""
+    def _capped(self, hw: HardwareType, utilization: float, cap_w: float | None,
+                memory_bound_share: float) -> tuple[float, float]:
+        """(latency slowdown, device power) under the cap at this utilization and bandwidth-bound share."""
         spec = self.gpu_specs.get(hw.name)
         if spec is not None:
             limit_w = spec.power_limit_default_w if cap_w is None else cap_w
-            point = operating_point(spec, utilization, limit_w, REFERENCE_TEMPERATURE_C)
-            return spec.max_sm_clock_mhz / point.sm_clock_mhz, point.power_w
-        # No spec: the same cube law from the hardware type's own numbers (no clock floor known).
-        dynamic_w = (hw.max_power_w - hw.idle_power_w) * utilization
+            point = operating_point(spec, utilization, limit_w, REFERENCE_TEMPERATURE_C, memory_bound_share)
+            return point.slowdown, point.power_w
+        # No spec: a cube law from the hardware type's own numbers, all of it clock-bound (no knee or floor known).
+        idle_w = hw.instance_idle_power_w
+        dynamic_w = (hw.max_power_w - idle_w) * utilization
         limit_w = hw.max_power_w if cap_w is None else cap_w
-        share = min(1.0, (max(limit_w - hw.idle_power_w, 1e-9) / dynamic_w) ** (1.0 / 3.0)) if dynamic_w > 0 else 1.0
-        return 1.0 / share, hw.idle_power_w + dynamic_w * share ** 3
+        share = min(1.0, (max(limit_w - idle_w, 1e-9) / dynamic_w) ** (1.0 / 3.0)) if dynamic_w > 0 else 1.0
+        return 1.0 / share, idle_w + dynamic_w * share ** 3
 
     def _cpu_perf(self, executor: ExecutorSpec, hw: HardwareType, base_s: float) -> Perf:
         speed = self.relative_speed.get("cpu", 1.0) / self.relative_speed.get(hw.name, 1.0)

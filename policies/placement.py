@@ -31,9 +31,11 @@ Rules, in the order they are applied:
   so only instances with the same power limit share it.
 - Power: an instance's busy draw per GPU is ``Perf.busy_power_w / tp`` at the config's cap when
   a perf model is given, else the power limit it applies (the cap; uncapped: the device's
-  default limit), the worst case. A GPU's predicted draw is its idle power
-  plus the dynamic part (busy minus idle) of each instance on it, never above its power limit;
-  an empty GPU draws idle power. A cpu instance draws ``Perf.busy_power_w``, else its share of
+  default limit), the worst case. A GPU's predicted draw is its idle power with an engine loaded
+  (``HardwareType.instance_idle_power_w``) plus the dynamic part (busy minus idle) of each instance
+  on it, held to its power limit unless the perf model says an instance draws more at that cap
+  (bandwidth-bound work under a deep cap: an H100 with a decode-shaped load draws 301 W at a 200 W
+  limit); an empty GPU draws idle power. A cpu instance draws ``Perf.busy_power_w``, else its share of
   the cpu HardwareType's ``max_power_w`` by its ``cpu_cores`` (of the type's ``cores``, else the node's). A rack's predicted draw (every GPU of its
   nodes, empty ones at idle, plus its cpu instances) must stay within ``rack_power_budget_w[rack]``;
   if it would not,
@@ -217,6 +219,8 @@ class _Dev:
     dyn_w: float = 0.0
     limit_w: float | None = None  # fixed by the first instance placed on it
     instances: int = 0
+    loaded_idle_w: float = 0.0  # idle with an engine loaded (a CUDA context held); 0: idle_w
+    floor_w: float = 0.0  # the most any instance on it is modeled to draw at its cap (may exceed the cap)
 
     @property
     def key(self) -> DeviceKey:
@@ -226,11 +230,16 @@ class _Dev:
     def free_bytes(self) -> int:
         return self.state.memory_total_bytes - self.foreign_bytes - self.used_bytes
 
-    def power_w(self, instances: int, dyn_w: float, limit_w: float | None) -> float:
+    def power_w(self, instances: int, dyn_w: float, limit_w: float | None, floor_w: float | None = None) -> float:
+        """Predicted draw: loaded idle plus the instances' dynamic power, held to the power limit, except
+        that bandwidth-bound work draws what the model says even above a deep cap (its memory power is
+        not the SM clock's to cut: 301 W at a 200 W limit on an H100)."""
         if instances == 0:
             return self.idle_w
-        draw = self.idle_w + dyn_w
-        return min(draw, limit_w) if limit_w is not None else draw
+        draw = max(self.loaded_idle_w, self.idle_w) + dyn_w
+        if limit_w is None:
+            return draw
+        return min(draw, max(limit_w, self.floor_w if floor_w is None else floor_w))
 
 
 class _DevFit(NamedTuple):
@@ -298,6 +307,8 @@ class _Placer:
         spec = GPU_SPECS.get(d.hardware) if d.kind == "gpu" else None
         hw = self.hardware.get(d.hardware)
         idle_w = hw.idle_power_w if hw is not None else spec.idle_power_w if spec is not None else 0.0
+        loaded_idle_w = hw.instance_idle_power_w if hw is not None else spec.busy_idle_power_w if spec is not None \
+            else 0.0
         default_w = (d.power_limit_default_w or d.power_limit_max_w or (spec.power_limit_default_w if spec else None)
                      or (hw.max_power_w if hw is not None else None))
         if self.limits.max_temperature_c is not None:
@@ -306,7 +317,7 @@ class _Placer:
             base = spec.max_operating_temperature_c if spec is not None else FALLBACK_MAX_OPERATING_TEMPERATURE_C
             limit_c = base - self.limits.temperature_margin_c
         foreign = d.memory_used_bytes if self.limits.count_foreign_memory and not occupied else 0
-        return _Dev(node.name, d, rack, spec, idle_w, default_w, limit_c, foreign)
+        return _Dev(node.name, d, rack, spec, idle_w, default_w, limit_c, foreign, loaded_idle_w=loaded_idle_w)
 
     def heading_c(self, dev: _Dev) -> float | None:
         """Where telemetry says the GPU is heading at its present load: now + trend * horizon."""
@@ -447,7 +458,8 @@ class _Placer:
             return "power cap", f"GPU {s.index}: {limit}"
         if dev.instances and dev.limit_w != limit:
             return "power limit", f"GPU {s.index} runs at {dev.limit_w:g} W for other instances"
-        power = dev.power_w(dev.instances + 1, dev.dyn_w + self.dyn_w(need, dev, limit), limit)
+        power = dev.power_w(dev.instances + 1, dev.dyn_w + self.dyn_w(need, dev, limit), limit,
+                            max(dev.floor_w, need.busy_w_per_device or 0.0))
         temperature = self.temperature_c(dev, power)
         if temperature is None:
             self.note_once(f"nothermal:{s.hardware}", f"no thermal model or telemetry for {s.hardware} GPUs; "
@@ -571,6 +583,7 @@ class _Placer:
             dev.dyn_w += self.dyn_w(need, dev, fit.limit_w)
             dev.limit_w = fit.limit_w
             dev.instances += 1
+            dev.floor_w = max(dev.floor_w, need.busy_w_per_device or 0.0)
             if dev.rack is not None:
                 self.rack_w[dev.rack] += dev.power_w(dev.instances, dev.dyn_w, dev.limit_w) - before
         if not need.on_gpu and self.rack_of[node.name] is not None:

@@ -12,7 +12,8 @@ What is compared, per cap level of a compute-bound workload:
   planner's perf model stretch latency under a cap), against the measured throughput ratio.
 
 The workload's activity factor u (the model's "utilization") is fitted from the uncapped point:
-u = (P - P_idle) / ((TDP - P_idle) * (f / f_max)^k). The DVFS exponent k is also fitted
+u = (P - P_ctx) / P_dyn(u=1, f, m), with m the workload's bandwidth-bound share (0 for the GEMM,
+1 for the GEMV, measured from the pure workloads for a mix). The DVFS exponent k is also fitted
 (least squares of log(P - P_idle) on log f) and reported beside the model's value.
 """
 
@@ -88,28 +89,37 @@ def fit_dvfs_exponent(points: Sequence[CapPoint], idle_power_w: float, max_clock
     return sxy / sxx
 
 
-def fit_activity(spec: GpuSpec, uncapped: CapPoint) -> float:
-    """The model's utilization u that reproduces the uncapped point's power at its clock (clamped to 0..1)."""
-    share = uncapped.sm_clock_mhz / spec.max_sm_clock_mhz
-    dynamic_full_w = (spec.tdp_w - spec.idle_power_w) * share ** spec.dvfs_power_exponent
+def fit_activity(spec: GpuSpec, uncapped: CapPoint, memory_bound_share: float = 0.0) -> float:
+    """The model's activity u that reproduces the uncapped point's power at its clock. Above 1 when the work
+    is power-limited even at the highest limit (a bf16 GEMM on an H100 holds 1365 MHz at 700 W)."""
+    dynamic_full_w = spec.dynamic_power_w(1.0, uncapped.sm_clock_mhz, memory_bound_share)
     if dynamic_full_w <= 0:
         return 1.0
-    return min(1.0, max(0.0, (uncapped.power_w - spec.idle_power_w) / dynamic_full_w))
+    return max(0.0, (uncapped.power_w - spec.busy_idle_power_w) / dynamic_full_w)
 
 
-def compare(spec: GpuSpec, points: Sequence[CapPoint], activity: float) -> list[PointComparison]:
+def compare(spec: GpuSpec, points: Sequence[CapPoint], activity: float,
+            memory_bound_share: float = 0.0) -> list[PointComparison]:
     """Model against measurement at every cap level of one workload; the highest limit is the reference."""
     ordered = sorted(points, key=lambda p: -p.power_limit_w)
     reference = ordered[0]
-    ref_clock = operating_point(spec, activity, reference.power_limit_w, reference.temperature_c).sm_clock_mhz
+    ref = operating_point(spec, activity, reference.power_limit_w, reference.temperature_c, memory_bound_share)
     rows = []
     for p in ordered:
-        point = operating_point(spec, activity, p.power_limit_w, p.temperature_c)
+        point = operating_point(spec, activity, p.power_limit_w, p.temperature_c, memory_bound_share)
         rows.append(PointComparison(
             power_limit_w=p.power_limit_w, measured_clock_mhz=p.sm_clock_mhz, model_clock_mhz=point.sm_clock_mhz,
             measured_power_w=p.power_w, model_power_w=point.power_w,
-            measured_slowdown=reference.throughput / p.throughput, model_slowdown=ref_clock / point.sm_clock_mhz))
+            measured_slowdown=reference.throughput / p.throughput, model_slowdown=point.slowdown / ref.slowdown))
     return rows
+
+
+def mixed_share(compute_s: float, memory_s: float) -> float:
+    """The bandwidth-bound share of a mix whose uncapped parts take these times."""
+    total = compute_s + memory_s
+    if total <= 0:
+        raise ValueError("a mix needs some time in its parts")
+    return memory_s / total
 
 
 @dataclass(frozen=True)
@@ -192,12 +202,12 @@ def fit_thermal_ramp_two_pole(times_s: Sequence[float], temperatures_c: Sequence
     return best[1] if best else None
 
 
-def calibrated_spec(spec: GpuSpec, *, idle_power_w: float | None, dvfs_power_exponent: float | None,
+def calibrated_spec(spec: GpuSpec, *, context_idle_power_w: float | None, dvfs_power_exponent: float | None,
                     time_constant_s: float | None, steady_rise_k_per_w: float | None) -> GpuSpec:
     """The spec with measured constants in place of the estimates (those that were measured)."""
     changes: dict[str, Any] = {}
-    if idle_power_w is not None and 0 < idle_power_w < spec.power_limit_min_w:
-        changes["idle_power_w"] = idle_power_w
+    if context_idle_power_w is not None and spec.idle_power_w <= context_idle_power_w < spec.power_limit_min_w:
+        changes["context_idle_power_w"] = context_idle_power_w
     if dvfs_power_exponent is not None and dvfs_power_exponent >= 1.0:
         changes["dvfs_power_exponent"] = dvfs_power_exponent
     if steady_rise_k_per_w is not None and steady_rise_k_per_w > 0:

@@ -5,14 +5,19 @@ simulator), so it behaves like a GPU where the control plane can see it: power f
 load and cap, clocks drop under a cap or when hot, temperature lags power, energy only
 grows. Everything it reports is labeled simulated.
 
-Model (constants from ``gpu_specs``; u is utilization 0..1, f the SM clock):
+Model (constants from ``gpu_specs``; u is utilization 0..1, f the SM clock, m the share of
+the work that is bandwidth-bound):
 
-- Dynamic power: P_dyn(f) = (TDP - P_idle) * u * (f / f_max)^k with k = 3, because
-  dynamic power goes as f * V^2 and the voltage tracks the clock across the DVFS range.
-- Power cap (the driver's "SW power cap"): the highest f with P_idle + P_dyn(f) <= cap,
-  f_cap = f_max * ((cap - P_idle) / P_dyn(f_max))^(1/k).
+- Power under load: P(f) = P_ctx + P_dyn(f), with P_ctx the idle power with a CUDA context
+  and P_dyn the SM part (~ f^k, k fitted on an H100: 1.42) plus the memory part that the SM
+  clock does not scale (``GpuSpec.dynamic_power_w``). Idle: P_idle without a context (no
+  device memory in use), P_ctx with one.
+- Power cap (the driver's "SW power cap"): the highest f with P(f) <= cap, no lower than
+  f_min; bandwidth-bound work at f_min can still draw more than a deep cap, as a real GPU does.
+- Slowdown of the work against f_max: (1 - m) * f_max / f + m * max(1, f_knee / f)
+  (``OperatingPoint.slowdown``; latency in the sim engines and the planner stretches by it).
 - Thermal slowdown: above the max operating temperature the driver caps the clock at
-  f_max * (1 - 0.1 * (T - T_maxop)) ("SW thermal slowdown"); at or above the slowdown
+  f_max * (1 - 0.2 * (T - T_maxop)) ("SW thermal slowdown"); at or above the slowdown
   temperature the hardware halves it ("HW slowdown" + "HW thermal slowdown"). At the
   shutdown temperature the GPU powers off and falls off the bus, as a real one does.
 - Clock is clamped to [f_min, f_max]; power is P = P_idle + P_dyn(f).
@@ -42,9 +47,11 @@ from common.protocol import DeviceInfo, DeviceTelemetry
 MAX_STEP_S = 0.25  # sub-step while a thermal limit may engage; far below the ~40 s thermal time constants
 POWER_NOISE_FRACTION = 0.005  # one sigma of the reported-power noise, as a share of power
 POWER_NOISE_MAX_SIGMAS = 3.0  # noise is truncated here, so reported power <= cap * (1 + 0.015)
-SW_THERMAL_CLOCK_LOSS_PER_K = 0.1  # estimate: how hard the driver pulls clocks per kelvin above max operating
+SW_THERMAL_CLOCK_LOSS_PER_K = 0.2  # estimate: how hard the driver pulls clocks per kelvin above max operating
+# (with the calibrated DVFS exponent, 0.1 could not hold a GPU that lost most of its cooling below shutdown)
 HW_SLOWDOWN_CLOCK_FACTOR = 0.5  # NVML: HW slowdown reduces "the core clocks by a factor of 2 or more"
-COOLING_FAILURE_RESISTANCE_FACTOR = 8.0  # estimate: fans stopped or coolant flow lost
+COOLING_FAILURE_RESISTANCE_FACTOR = 6.0  # estimate: airflow or coolant flow mostly lost; an H100 at full load then
+# throttles to its lowest clock (171 W with a context) and holds below shutdown, a passive L4 does not
 XID_FALLEN_OFF_BUS = 79  # the kernel log's "GPU has fallen off the bus"
 
 
@@ -55,16 +62,25 @@ class OperatingPoint:
     sm_clock_mhz: float
     power_w: float
     throttle_reasons: tuple[str, ...]
+    slowdown: float = 1.0  # time of the work at this clock against the max clock (1 when idle)
 
 
-def operating_point(spec: GpuSpec, utilization: float, power_limit_w: float, temperature_c: float) -> OperatingPoint:
-    """What the driver's DVFS settles on: the fastest clock that respects cap and temperature."""
+def operating_point(spec: GpuSpec, utilization: float, power_limit_w: float, temperature_c: float,
+                    memory_bound_share: float = 0.0, context: bool = True) -> OperatingPoint:
+    """What the driver's DVFS settles on: the fastest clock that respects cap and temperature.
+
+    ``memory_bound_share``: the share of the work that is bandwidth-bound (LLM decode) rather than
+    compute-bound; ``context``: whether a CUDA context is held (only matters when idle).
+    """
+    if not 0.0 <= memory_bound_share <= 1.0:
+        raise ValueError(f"memory_bound_share must be within 0..1, got {memory_bound_share}")
     if utilization <= 0.0:
-        return OperatingPoint(float(spec.idle_sm_clock_mhz), spec.idle_power_w, ("gpu_idle",))
+        idle_w = spec.busy_idle_power_w if context else spec.idle_power_w
+        return OperatingPoint(float(spec.idle_sm_clock_mhz), idle_w, ("gpu_idle",))
     f_max = float(spec.max_sm_clock_mhz)
     reasons: list[str] = []
     clock = f_max
-    cap_clock = spec.clock_for_power_mhz(utilization, power_limit_w)
+    cap_clock = spec.clock_for_power_mhz(utilization, power_limit_w, memory_bound_share)
     thermal_clock = f_max
     if temperature_c > spec.max_operating_temperature_c:
         over_k = temperature_c - spec.max_operating_temperature_c
@@ -77,7 +93,8 @@ def operating_point(spec: GpuSpec, utilization: float, power_limit_w: float, tem
         clock *= HW_SLOWDOWN_CLOCK_FACTOR
         reasons += ["hw_slowdown", "hw_thermal_slowdown"]  # NVML sets both bits for thermal HW slowdown
     clock = min(max(clock, float(spec.min_sm_clock_mhz)), f_max)
-    return OperatingPoint(clock, spec.idle_power_w + spec.dynamic_power_w(utilization, clock), tuple(reasons))
+    power_w = spec.busy_idle_power_w + spec.dynamic_power_w(utilization, clock, memory_bound_share)
+    return OperatingPoint(clock, power_w, tuple(reasons), spec.slowdown(clock, memory_bound_share))
 
 
 class SimGpu(Device):
@@ -94,6 +111,7 @@ class SimGpu(Device):
         self.rng = random.Random(seed)
         self.ambient_c = float(ambient_c)
         self.utilization = 0.0
+        self.memory_bound_share = 0.0
         self.set_utilization(utilization)
         self.memory_used_bytes = 0
         self.set_memory_used(memory_used_bytes)
@@ -111,10 +129,15 @@ class SimGpu(Device):
 
     # --- load, environment and faults --------------------------------------------------
 
-    def set_utilization(self, fraction: float) -> None:
-        """Set the activity the simulated engines drive; it applies from the last sampled instant."""
+    def set_utilization(self, fraction: float, memory_bound_share: float | None = None) -> None:
+        """Set the activity the simulated engines drive (and, if given, the bandwidth-bound share of it);
+        it applies from the last sampled instant."""
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"utilization must be within 0..1, got {fraction}")
+        if memory_bound_share is not None:
+            if not 0.0 <= memory_bound_share <= 1.0:
+                raise ValueError(f"memory_bound_share must be within 0..1, got {memory_bound_share}")
+            self.memory_bound_share = float(memory_bound_share)
         self.utilization = float(fraction)
 
     def set_memory_used(self, memory_bytes: int) -> None:
@@ -153,7 +176,8 @@ class SimGpu(Device):
     def _point(self) -> OperatingPoint:
         if self.lost:
             return OperatingPoint(0.0, 0.0, ())
-        return operating_point(self.spec, self.utilization, self.power_limit_w, self.temperature_c)
+        return operating_point(self.spec, self.utilization, self.power_limit_w, self.temperature_c,
+                               self.memory_bound_share, context=self.memory_used_bytes > 0)
 
     def _limits_stay_quiet(self, point: OperatingPoint) -> bool:
         """True when no thermal limit can engage before equilibrium, so one exact step is exact."""

@@ -89,6 +89,9 @@ class SimEngineSpec(_Strict):
     knob_latency_factors: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="knob -> value (as text) -> latency multiplier")
     utilization: float = Field(0.8, gt=0, le=1.0, description="device utilization while serving")
+    memory_bound_share: float = Field(
+        0.0, ge=0, le=1.0, description="share of the device time in bandwidth-bound kernels (LLM decode: high; "
+                                       "prefill, vision encoders: low); a power cap slows it less")
     memory_bytes: int = Field(0, ge=0, description="device memory the instance holds")
     startup_s: float = Field(1.0, ge=0, le=600)
     max_concurrency: int = Field(8, ge=1, le=4096)

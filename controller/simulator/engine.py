@@ -16,7 +16,9 @@ A new plan that changes which pool serves some (workflow, tier, stage) is rolled
 before break: components the new placement drops keep serving the old routing until every pool
 of the new plan has its placed instances ready (or ``control.switch_timeout_s`` passes); then
 routing switches and the old components are stopped. Plans that only change instance counts or
-power caps apply at once (placement keeps components in place and moves caps without restarts).
+power caps apply at once (placement keeps components in place and moves caps without restarts);
+while a rollout is pending, instances of one executor, hardware and tp serve the old routing
+whatever cap the new plan has already moved them to (``ServiceModel.evaluate``'s ``merge_caps``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from controller.simulator.service import RouteTable, ServiceModel, StepOutcome
 from controller.simulator.slo import SloJudge
 from controller.simulator.trace import generate_arrivals
 from policies.model import HardwareType, InstanceConfig, PerfModel, SloTargets, Solution
+from policies.perf_model import gpu_activity
 from policies.placement import DeviceState, NodeState, PlacementLimits, PlacementResult, place
 from policies.plan import SLO_DIMENSIONS, SLO_TIERS, Demand, PlacedComponent
 
@@ -122,6 +125,7 @@ class Simulator:
         self.groups: Counter[tuple[InstanceConfig, str]] = Counter()
         self.gpu_holders: Counter[tuple[str, int]] = Counter()
         self.shared_idle_w = 0.0  # idle power counted twice for GPUs that several components share
+        self.shared_context_w = 0.0  # and their context idle above the fleet idle, for the fleet power
         self.utilization: dict[InstanceConfig, float] = {}  # pool occupancy in the current step
         self.window_util: dict[InstanceConfig, list[float]] = {}
         self.window_start_s = 0.0
@@ -197,16 +201,17 @@ class Simulator:
         self._last_s = max(self._last_s, to_s)
         self.now_s = to_s
 
-    def _device_busy_w(self, hardware: str, utilization: float, cap_w: float | None) -> float:
-        """Power of one GPU while it serves (at the executor's utilization, under its cap), steady temperature."""
+    def _device_busy_w(self, hardware: str, utilization: float, cap_w: float | None, memory_bound_share: float) -> float:
+        """Power of one GPU while it serves (at the executor's utilization and bandwidth-bound share, under its
+        cap), steady temperature."""
         spec = GPU_SPECS[hardware]
         limit_w = spec.power_limit_default_w if cap_w is None else cap_w
-        key = (hardware, round(utilization, 4), limit_w)
+        key = (hardware, round(utilization, 4), limit_w, round(memory_bound_share, 4))
         if key not in self._point_cache:
             ambient = self.spec.cluster.ambient_c
-            first = operating_point(spec, utilization, limit_w, ambient)
+            first = operating_point(spec, utilization, limit_w, ambient, memory_bound_share)
             steady_c = ambient + first.power_w * spec.thermal_resistance_k_per_w
-            self._point_cache[key] = operating_point(spec, utilization, limit_w, steady_c).power_w
+            self._point_cache[key] = operating_point(spec, utilization, limit_w, steady_c, memory_bound_share).power_w
         return self._point_cache[key]
 
     def _instance_perf(self, config: InstanceConfig) -> Any:
@@ -229,16 +234,16 @@ class Simulator:
             hw = self.hardware[config.hardware]
             exe = self.scenario.catalog[config.executor]
             if hw.kind == "gpu":
-                idle_w = config.tp * hw.idle_power_w
+                idle_w = config.tp * hw.instance_idle_power_w  # an engine holds a CUDA context
                 if state == "ready":
                     rho = self.utilization.get(config, 0.0)
-                    u_exec = exe.sim.utilization if exe.sim is not None else 0.8
-                    busy_w = config.tp * self._device_busy_w(config.hardware, u_exec, config.power_cap_w)
+                    u_exec, share = gpu_activity(exe)
+                    busy_w = config.tp * self._device_busy_w(config.hardware, u_exec, config.power_cap_w, share)
                     instance_w = (1.0 - rho) * idle_w + rho * busy_w
                 else:
                     instance_w = idle_w  # loading weights or draining: counted at idle
                 alloc_w += count * instance_w
-                gpu_dynamic_w += count * (instance_w - idle_w)
+                gpu_dynamic_w += count * (instance_w - config.tp * hw.idle_power_w)  # above the fleet's idle
                 cost_per_h += count * config.tp * hw.price_per_hour_usd
             else:
                 perf = self._instance_perf(config)
@@ -251,7 +256,7 @@ class Simulator:
                 share = min(1.0, exe.resources.cpu_cores / hw.cores) if hw.cores > 0 else 1.0
                 cost_per_h += count * share * hw.price_per_hour_usd
         alloc_w -= self.shared_idle_w  # a shared GPU idles once; its components add their dynamic power
-        fleet_w = gpu_dynamic_w + cpu_dynamic_w
+        fleet_w = gpu_dynamic_w + cpu_dynamic_w - self.shared_context_w  # a shared GPU holds its contexts' idle once
         for name, count in self.devices_total.items():
             hw = self.hardware[name]
             fleet_w += count * hw.idle_power_w
@@ -270,12 +275,14 @@ class Simulator:
             for index in comp.device_indexes:
                 self.gpu_holders[(comp.node, index)] += 1
                 if self.gpu_holders[(comp.node, index)] >= 2:
-                    self.shared_idle_w += hw.idle_power_w
+                    self.shared_idle_w += hw.instance_idle_power_w
+                    self.shared_context_w += hw.instance_idle_power_w - hw.idle_power_w
         if hw.kind == "gpu" and new_state is None and old_state is not None:
             for index in comp.device_indexes:
                 key = (comp.node, index)
                 if self.gpu_holders[key] >= 2:
-                    self.shared_idle_w -= hw.idle_power_w
+                    self.shared_idle_w -= hw.instance_idle_power_w
+                    self.shared_context_w -= hw.instance_idle_power_w - hw.idle_power_w
                 self.gpu_holders[key] -= 1
                 if self.gpu_holders[key] <= 0:
                     del self.gpu_holders[key]
@@ -521,7 +528,8 @@ class Simulator:
         if self.routes is None and self.active is not None:
             self.routes = RouteTable.build(self.active, self.judge)
         ready = {config: n for (config, state), n in self.groups.items() if state == "ready" and n > 0}
-        outcome: StepOutcome = self.service.evaluate(self.routes, self.arrivals.demands, counts, width_s, ready)
+        outcome: StepOutcome = self.service.evaluate(self.routes, self.arrivals.demands, counts, width_s, ready,
+                                                     merge_caps=self.rollout is not None)
         self.utilization = outcome.utilization
         self._power = None
         # What the policies see (like Kubernetes' HPA): offered load over the slots of every instance

@@ -9,6 +9,10 @@ erlangs to p. A pool has c = ready instances x batch slots servers (``queueing``
 - A stage whose planned pool has no ready instance runs on a ready instance of the same
   executor, hardware and tensor-parallel size at another power cap (placement re-caps instances
   in place), at that cap's service time.
+- While a new plan rolls out (``merge_caps``), pools of the same executor, hardware and
+  tensor-parallel size share their ready instances whatever their caps: the old routing keeps
+  its pools' instances even when the new plan has already re-capped some of them in place, as a
+  dispatcher that sends requests to any instance of the executor would.
 - Shedding: a pool offered more than ``max_utilization * c`` erlangs admits only that share;
   a pool with no ready instance admits nothing. A request is served when every pool on its
   path admitted it (product of the admitted shares); the rest are dropped and miss their SLO.
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -118,7 +123,7 @@ class ServiceModel:
         self._labels: dict[Demand, str] = {}
 
     def evaluate(self, routes: RouteTable | None, demands: Sequence[Demand], counts: np.ndarray, width_s: float,
-                 ready: Mapping[InstanceConfig, int]) -> StepOutcome:
+                 ready: Mapping[InstanceConfig, int], merge_caps: bool = False) -> StepOutcome:
         per_tier: dict[str, list[float]] = {}
         rate: dict[InstanceConfig, float] = {}
         erlangs: dict[InstanceConfig, float] = {}
@@ -146,17 +151,29 @@ class ServiceModel:
         admitted: dict[InstanceConfig, float] = {}
         waits: dict[InstanceConfig, tuple[float, float]] = {}
         utilization: dict[InstanceConfig, float] = {c: 0.0 for c, n in ready.items() if n > 0}
-        for pool, offered in erlangs.items():
-            servers = ready.get(pool, 0) * self.judge.slots(pool)
+        groups: dict[Any, list[InstanceConfig]] = {}
+        for pool in sorted(set(erlangs) | {c for c, n in ready.items() if n > 0}, key=str):
+            key = (pool.executor, pool.hardware, pool.tp) if merge_caps else pool
+            groups.setdefault(key, []).append(pool)
+        for members in groups.values():
+            offered = sum(erlangs.get(m, 0.0) for m in members)
+            servers = sum(ready.get(m, 0) * self.judge.slots(m) for m in members)
+            if offered <= 0 and not any(m in erlangs for m in members):
+                continue
             if servers <= 0:
-                admitted[pool] = 0.0
+                for m in members:
+                    admitted[m] = 0.0
                 continue
             share = min(1.0, self.max_utilization * servers / offered) if offered > 0 else 1.0
             load = offered * share
-            admitted[pool] = share
-            utilization[pool] = load / servers
-            mean_service_s = offered / rate[pool] if rate[pool] > 0 else 0.0
-            waits[pool] = wait_tail(servers, load, mean_service_s)
+            group_rate = sum(rate.get(m, 0.0) for m in members)
+            mean_service_s = offered / group_rate if group_rate > 0 else 0.0
+            tail = wait_tail(servers, load, mean_service_s)
+            for m in members:
+                admitted[m] = share
+                waits[m] = tail
+                if ready.get(m, 0) > 0:
+                    utilization[m] = load / servers
         served_total = met_total = 0.0
         for route, n in active:
             share = 1.0

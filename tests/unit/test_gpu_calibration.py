@@ -46,7 +46,7 @@ def test_a_gpu_that_behaves_like_the_model_has_no_error() -> None:
 def test_the_dvfs_exponent_is_recovered_from_a_cap_sweep() -> None:
     spec = dataclasses.replace(H100, dvfs_power_exponent=1.5)
     points = model_points(spec, 1.0, [650, 550, 450, 350, 250])
-    assert fit_dvfs_exponent(points, spec.idle_power_w, spec.max_sm_clock_mhz) == pytest.approx(1.5, rel=1e-6)
+    assert fit_dvfs_exponent(points, spec.busy_idle_power_w, spec.max_sm_clock_mhz) == pytest.approx(1.5, rel=1e-6)
     assert fit_dvfs_exponent(points[:1], spec.idle_power_w, spec.max_sm_clock_mhz) is None
 
 
@@ -72,10 +72,10 @@ def test_thermal_fits_recover_known_time_constants() -> None:
 
 
 def test_calibrated_spec_keeps_the_time_constant_and_ignores_implausible_values() -> None:
-    tuned = calibrated_spec(H100, idle_power_w=120.0, dvfs_power_exponent=1.4, time_constant_s=30.0,
+    tuned = calibrated_spec(H100, context_idle_power_w=120.0, dvfs_power_exponent=1.4, time_constant_s=30.0,
                             steady_rise_k_per_w=0.04)
-    assert tuned.idle_power_w == 120.0 and tuned.dvfs_power_exponent == 1.4
+    assert tuned.context_idle_power_w == 120.0 and tuned.dvfs_power_exponent == 1.4
     assert tuned.heat_capacity_j_per_k * tuned.thermal_resistance_k_per_w == pytest.approx(30.0)
-    same = calibrated_spec(H100, idle_power_w=500.0, dvfs_power_exponent=0.5, time_constant_s=None,
+    same = calibrated_spec(H100, context_idle_power_w=500.0, dvfs_power_exponent=0.5, time_constant_s=None,
                            steady_rise_k_per_w=None)
     assert same == H100

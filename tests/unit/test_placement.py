@@ -209,7 +209,7 @@ class FlatPerf:
 
     def perf(self, executor: ExecutorSpec, config: InstanceConfig, knobs: dict[str, Any],
              items: float = 1.0) -> Perf | None:
-        idle = H100.idle_power_w * config.tp
+        idle = H100.busy_idle_power_w * config.tp  # an instance's GPU holds a CUDA context
         return Perf(1.0, 1.0, 1.0, self.busy_w * config.tp, idle, int(self.memory_gib * GIB))
 
 
@@ -222,9 +222,24 @@ def test_perf_model_power_and_memory_are_used_when_given() -> None:
     assert not result.unplaced and where(result) == [("a1", (0,)), ("a2", (0,))]
     assert result.device_power_w == {("a1", 0): pytest.approx(400.0), ("a2", 0): pytest.approx(400.0)}
     # Memory from the perf model: 8 x 10 GiB instances on one 80 GB GPU.
-    eight = place({cfg("chat"): 8}, [node("n1", gpus=1)], CATALOG, perf=FlatPerf(100.0, memory_gib=9.5))
+    eight = place({cfg("chat"): 8}, [node("n1", gpus=1)], CATALOG, perf=FlatPerf(150.0, memory_gib=9.5))
     assert len(eight.components) == 8 and eight.device_power_w[("n1", 0)] == pytest.approx(
-        H100.idle_power_w + 8 * (100.0 - H100.idle_power_w))
+        H100.busy_idle_power_w + 8 * (150.0 - H100.busy_idle_power_w))
+
+
+def test_bandwidth_bound_work_is_not_trusted_to_hold_a_deep_cap() -> None:
+    """An H100 with a decode-shaped load draws 301 W at a 200 W limit: the rack budget must see that."""
+    capped = InstanceConfig("big", "h100", 1, 200.0)
+    decode = FlatPerf(301.0, memory_gib=50)
+    loose = place({capped: 1}, [node("a1", gpus=1, rack="r1")], CATALOG, perf=decode)
+    assert loose.device_power_w[("a1", 0)] == pytest.approx(301.0)  # above the 200 W limit it sets
+    limits = PlacementLimits(rack_power_budget_w={"r1": 250.0})
+    tight = place({capped: 1}, [node("a1", gpus=1, rack="r1")], CATALOG, limits=limits, perf=decode)
+    assert tight.unplaced == {capped: 1} and "rack r1" in next(iter(tight.reasons.values()))
+    compute = place({capped: 1}, [node("a1", gpus=1, rack="r1")], CATALOG, limits=limits, perf=FlatPerf(200.0))
+    assert not compute.unplaced and compute.device_power_w[("a1", 0)] == pytest.approx(200.0)  # the cap holds
+    unknown = place({capped: 1}, [node("a1", gpus=1, rack="r1")], CATALOG, limits=limits)
+    assert not unknown.unplaced and unknown.device_power_w[("a1", 0)] == pytest.approx(200.0)  # no model: the cap
 
 
 def test_cpu_instances_count_cores_and_rack_power() -> None:

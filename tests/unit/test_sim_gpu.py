@@ -124,7 +124,9 @@ def test_idle_and_full_load_power_match_the_spec(model: str) -> None:
 def test_half_load_draws_between_idle_and_tdp() -> None:
     device = gpu(0.5)
     power = mean([s.power_w for s in run(device, 10)])
-    assert power == pytest.approx(H100.idle_power_w + 0.5 * (H100.tdp_w - H100.idle_power_w), rel=0.01)
+    # Under load the GPU holds a CUDA context, so the floor is the context idle (calibrated: 122.9 W).
+    idle_w = H100.busy_idle_power_w
+    assert power == pytest.approx(idle_w + 0.5 * (H100.tdp_w - idle_w), rel=0.01)
 
 
 def test_lower_cap_lowers_power_and_clock_and_reports_power_cap() -> None:
@@ -138,8 +140,10 @@ def test_lower_cap_lowers_power_and_clock_and_reports_power_cap() -> None:
     last = capped[-1]
     assert last.sm_clock_mhz < uncapped.sm_clock_mhz
     assert last.throttle_reasons == ("sw_power_cap",) and last.power_limit_w == 300.0
-    # Cubic DVFS: (300 - 75) / (700 - 75) of the dynamic power leaves 71 % of the top clock.
-    expected = H100.max_sm_clock_mhz * ((300 - H100.idle_power_w) / (H100.tdp_w - H100.idle_power_w)) ** (1 / 3)
+    # DVFS with the calibrated exponent: (300 - 122.9) / (700 - 122.9) of the dynamic power leaves 44 % of
+    # the top clock (a real H100 with a bf16 GEMM held 630-645 MHz at 300 W, from 1365 MHz at 700 W).
+    idle_w, k = H100.busy_idle_power_w, H100.dvfs_power_exponent
+    expected = H100.max_sm_clock_mhz * ((300 - idle_w) / (H100.tdp_w - idle_w)) ** (1 / k)
     assert last.sm_clock_mhz == pytest.approx(expected, abs=1)
     # A light load fits under the same cap at full clock: no capping reported.
     device.set_utilization(0.2)
@@ -152,9 +156,9 @@ def test_operating_point_is_a_pure_function_of_load_cap_and_temperature() -> Non
     capped = operating_point(H100, 1.0, 200.0, 40.0)
     assert capped.power_w == pytest.approx(200.0) and capped.throttle_reasons == ("sw_power_cap",)
     hot = operating_point(H100, 1.0, 700.0, 88.0)
-    assert hot.throttle_reasons == ("sw_thermal_slowdown",) and hot.sm_clock_mhz == pytest.approx(0.9 * 1980)
+    assert hot.throttle_reasons == ("sw_thermal_slowdown",) and hot.sm_clock_mhz == pytest.approx(0.8 * 1980)
     hotter = operating_point(H100, 1.0, 700.0, 89.0)
-    assert set(hotter.throttle_reasons) == THERMAL_REASONS and hotter.sm_clock_mhz == pytest.approx(0.4 * 1980)
+    assert set(hotter.throttle_reasons) == THERMAL_REASONS and hotter.sm_clock_mhz == pytest.approx(0.3 * 1980)
 
 
 # --- thermals -------------------------------------------------------------------------------
@@ -237,7 +241,7 @@ def test_throttling_reacts_within_long_sampling_intervals() -> None:
 def test_a_passive_card_without_airflow_reaches_thermal_shutdown_and_leaves_the_bus() -> None:
     l4 = gpu_spec("l4")
     device = gpu(1.0, model="l4")
-    device.inject_cooling_failure()  # even idle power cannot be shed without airflow: R * 8 * P_idle > 90 K
+    device.inject_cooling_failure()  # at full load even the lowest clock draws too much: R * 6 * 21 W > 66 K
     samples = run(device, 1200, step_s=1)
     alive = [s for s in samples if s.health == "ok"]
     assert alive and max(s.temperature_c for s in alive) < l4.shutdown_temperature_c
@@ -255,7 +259,8 @@ def test_energy_is_the_integral_of_power_and_monotonic() -> None:
     for utilization, cap, step_s in schedule:
         device.set_utilization(utilization)
         device.set_power_limit(cap)
-        model_w = operating_point(H100, utilization, cap, 40.0).power_w  # temperature-independent here
+        # temperature-independent here; no device memory in use, so no CUDA context when idle
+        model_w = operating_point(H100, utilization, cap, 40.0, context=False).power_w
         for _ in range(40):
             sample = device.sample(device.now_s + step_s)
             samples.append(sample)

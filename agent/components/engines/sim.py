@@ -7,10 +7,11 @@ so the sim GPU's power, temperature and energy counter move as a loaded GPU's wo
 per-invocation energy is measured from that counter exactly as on real hardware. When it
 is idle the GPU returns to the load it had before.
 
-Latency = (latency_s + latency_per_item_s * items) * knob factors * (max clock / clock),
-where ``items`` is the length of the largest list input and the clock is the operating
-point the sim GPU settles on under its power cap and temperature: a capped GPU is
-slower, as a real one is. Outputs come from ``sim_outputs`` and say they are simulated.
+Latency = (latency_s + latency_per_item_s * items) * knob factors * slowdown, where ``items``
+is the length of the largest list input and the slowdown is that of the executor's work
+(``sim.memory_bound_share`` of it bandwidth-bound) at the clock the sim GPU settles on under
+its power cap and temperature (``GpuSpec.slowdown``): a capped GPU is slower, as a real one
+is, and decode-heavy work less so. Outputs come from ``sim_outputs`` and say they are simulated.
 
 A sim GPU that falls off the bus takes its engine down with it (exit code 1, as a CUDA
 process dies on Xid 79); ``kill`` simulates any other crash.
@@ -39,15 +40,21 @@ class _SharedLoad:
     def __init__(self, gpu: SimGpu) -> None:
         self.gpu = gpu
         self.baseline = gpu.utilization
-        self.active: dict[int, float] = {}
+        self.baseline_share = gpu.memory_bound_share
+        self.active: dict[int, tuple[float, float]] = {}  # token -> (utilization, bandwidth-bound share)
 
-    def set(self, token: int, utilization: float | None, now_s: float) -> None:
+    def set(self, token: int, utilization: float | None, now_s: float, memory_bound_share: float = 0.0) -> None:
         self.gpu.advance(max(now_s, self.gpu.now_s))  # energy so far accrues at the old load
         if utilization is None:
             self.active.pop(token, None)
         else:
-            self.active[token] = utilization
-        self.gpu.set_utilization(max(self.baseline, min(1.0, sum(self.active.values()))))
+            self.active[token] = (utilization, memory_bound_share)
+        total = sum(u for u, _ in self.active.values())
+        if total <= self.baseline:
+            self.gpu.set_utilization(self.baseline, self.baseline_share)
+        else:  # the work mix is the utilization-weighted mean of the components' shares
+            share = sum(u * m for u, m in self.active.values()) / total
+            self.gpu.set_utilization(min(1.0, total), share)
         if not self.active:
             _LOADS.pop(self.gpu, None)  # idle again: the next user sees whatever load the GPU has then
 
@@ -165,11 +172,13 @@ class SimEngine(Engine):
         for knob, value in knobs.items():
             latency_s *= self.spec.knob_latency_factors.get(knob, {}).get(knob_text(value), 1.0)
         slowdown = 1.0
+        share = self.spec.memory_bound_share
         for gpu in self.gpus:
+            busy = gpu.utilization >= self.spec.utilization
             point = operating_point(gpu.spec, max(gpu.utilization, self.spec.utilization), gpu.power_limit_w,
-                                    gpu.temperature_c)
+                                    gpu.temperature_c, gpu.memory_bound_share if busy else share)
             if point.sm_clock_mhz > 0:
-                slowdown = max(slowdown, gpu.spec.max_sm_clock_mhz / point.sm_clock_mhz)
+                slowdown = max(slowdown, gpu.spec.slowdown(point.sm_clock_mhz, share))
         return latency_s * slowdown
 
     async def invoke(self, task: str, inputs: dict[str, Any], knobs: dict[str, Any], timeout_s: float) -> dict[str, Any]:
@@ -178,7 +187,7 @@ class SimEngine(Engine):
         now_s = self.clock()
         if self._busy == 0:
             for gpu in self.gpus:
-                _load_of(gpu).set(id(self), self.spec.utilization, now_s)
+                _load_of(gpu).set(id(self), self.spec.utilization, now_s, self.spec.memory_bound_share)
         self._busy += 1
         try:
             latency_s = self.latency_s(inputs, knobs)
