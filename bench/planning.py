@@ -51,6 +51,8 @@ def control_changes(args: argparse.Namespace) -> dict[str, Any]:
         changes["switch_penalty"] = args.switch_penalty
     if args.utilization_target is not None:
         changes["utilization_target"] = {"murakkab": args.utilization_target}
+    if args.cap_fractions is not None:
+        changes["cap_fractions"] = list(args.cap_fractions)
     if args.scale_band is not None:
         low, high, target = args.scale_band
         changes["scale_band"] = {"murakkab": {"low": low, "high": high, "target": target}}
@@ -75,6 +77,13 @@ def run_one(scenario_path: str, policy: str, out_dir: str, plots: bool, seed: in
     report, _ = run_simulation(scenario, policy, Path(out_dir) / policy, plots=plots)
     report["run_wall_s"] = time.perf_counter() - started
     return report
+
+
+def _numbers(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _band(text: str) -> tuple[float, float, float]:
@@ -192,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override control.switch_penalty (murakkab's plan stability)")
     parser.add_argument("--utilization-target", type=float, default=None,
                         help="override murakkab's MILP utilization target (control.utilization_target)")
+    parser.add_argument("--cap-fractions", type=_numbers, default=None, metavar="F,F,...",
+                        help="override murakkab's power-cap levels, fractions of TDP (control.cap_fractions)")
     parser.add_argument("--scale-band", type=_band, default=None, metavar="LOW,HIGH,TARGET",
                         help="override murakkab's reactive autoscaler band (control.scale_band)")
     parser.add_argument("--jobs", type=int, default=1, help="policies simulated in parallel (processes)")

@@ -11,8 +11,8 @@ from controller.simulator.engine import Simulator
 from controller.simulator.report import write_plots, write_report
 from controller.simulator.scenario import POLICY_NAMES, Scenario
 from policies.baselines import (
-    MURAKKAB_SCALE_BAND, MURAKKAB_UTILIZATION_TARGET, PAPER_SCALE_BAND, EpochPolicy, MurakkabPolicy, PlanningInputs,
-    ScaleBand, StaticPolicy,
+    CAP_FRACTIONS, MURAKKAB_SCALE_BAND, MURAKKAB_UTILIZATION_TARGET, PAPER_SCALE_BAND, EpochPolicy, MurakkabPolicy,
+    PlanningInputs, ScaleBand, StaticPolicy,
 )
 from policies.model import HardwareType, PerfModel
 from policies.perf_model import CatalogPerfModel, standard_hardware
@@ -55,6 +55,7 @@ def build_policy(name: str, scenario: Scenario, perf: PerfModel) -> Any:
                                                   switch_penalty=control.switch_penalty),
                               epoch_s=control.epoch_s.get(name, 300.0), tick_s=tick_s,
                               utilization_target=control.utilization_target.get(name, MURAKKAB_UTILIZATION_TARGET),
+                              cap_fractions=tuple(control.cap_fractions) if control.cap_fractions else CAP_FRACTIONS,
                               scale_band=MURAKKAB_SCALE_BAND if band is None else
                               ScaleBand(band.low, band.high, band.target))
     raise ValueError(f"unknown policy {name!r} (policies: {', '.join(POLICY_NAMES)})")

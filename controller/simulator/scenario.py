@@ -279,6 +279,9 @@ class ControlSpec(_Strict):
     utilization_target: dict[str, float] = Field(
         default_factory=dict, description="policy name -> the utilization its pools are sized for (defaults: 0.8; "
                                           "murakkab 0.85, see policies/baselines.py)")
+    cap_fractions: list[float] | None = Field(
+        None, min_length=1, description="murakkab only: the power-cap levels it may choose, as fractions of each "
+                                        "GPU's TDP (1 = uncapped); null: policies.baselines.CAP_FRACTIONS")
     scale_band: dict[str, ScaleBandSpec] = Field(
         default_factory=dict, description="murakkab-epoch or murakkab -> its reactive autoscaler band (defaults: "
                                           "[0.3, 0.85] back to 0.6; murakkab [0.3, 0.92] back to 0.8)")
@@ -301,6 +304,13 @@ class ControlSpec(_Strict):
                 raise ValueError(f"{name}: unknown policy (policies: {', '.join(POLICY_NAMES)})")
             if not 0 < target <= 1:
                 raise ValueError(f"{name}: utilization target must be within (0, 1], got {target}")
+        return value
+
+    @field_validator("cap_fractions")
+    @classmethod
+    def _fractions(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and not all(0 < f <= 1 for f in value):
+            raise ValueError(f"cap fractions must be within (0, 1], got {value}")
         return value
 
     @field_validator("scale_band")
