@@ -99,6 +99,7 @@ class WorkloadService:
         self._job_demands: dict[str, Demand] = {}  # unfinished job -> its demand (keeps its components planned)
         self._grace_until_s: float | None = None
         self._planning: asyncio.Future[None] | None = None  # the optimizing planner's solve in flight
+        self._grace_planning: asyncio.Future[None] | None = None  # the first plan after a restart, off the loop
         self.optimizing = (OptimizingPlanner(PlanningConfig(epoch_s=config.planning_epoch_s,
                                                             queueing_slack=config.planning_queueing_slack,
                                                             wait_quantile=config.planning_wait_quantile))
@@ -205,18 +206,35 @@ class WorkloadService:
         """
         if self._grace_until_s is None:
             return False
+        if self._grace_planning is not None:  # the first plan is being solved on a worker thread
+            if not self._grace_planning.done():
+                return True
+            failed = self._grace_planning.cancelled() or self._grace_planning.exception() is not None
+            self._grace_planning = None
+            self._end_restart_grace(now_s, plan_first=failed)  # a failed solve: plan on the loop after all
+            return False
         waiting = [n for n in self.c.registry.nodes.values() if n.liveness is Liveness.JOINING]  # no heartbeat yet
         if waiting and now_s < self._grace_until_s:
             return True
+        if self.optimizing is not None:
+            # The MILP may take seconds: solve it off the loop, and keep the reports from the reconciler
+            # until its plan is adopted (the next tick or report after it ends the grace).
+            self._grace_planning = self._start_planning()
+            self._grace_planning.add_done_callback(lambda _done: self.in_restart_grace(self.c.clock()))
+            return True
+        self._end_restart_grace(now_s, plan_first=True)
+        return False
+
+    def _end_restart_grace(self, now_s: float, plan_first: bool) -> None:
+        """The first plan adopts what the nodes reported during the grace period; only then does the
+        reconciler hear those reports, so nothing that should keep running is stopped."""
         self._grace_until_s = None
-        # The first plan adopts what the nodes reported during the grace period; only then does the
-        # reconciler hear those reports, so nothing that should keep running is stopped.
-        self.replan(now_s)
+        if plan_first:
+            self.replan(now_s)
         for node_name, reports in list(self.reports.items()):
             node = self.c.registry.nodes.get(node_name)
             ready = node is not None and node.liveness is Liveness.READY
             self.perform(self.reconciler.handle(rc.NodeReport(node_name, ready, reports, now_s)))
-        return False
 
     def _node_report(self, node_name: str, ready: bool, reports: tuple[ComponentReport, ...], now_s: float) -> None:
         self.reports[node_name] = reports if ready else ()

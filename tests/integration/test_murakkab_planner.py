@@ -14,6 +14,7 @@ from pathlib import Path
 
 from agent.tools.testdata import file_blob, make_test_video
 from common.protocol import GetPlan, SubmitJob
+from controller.jobs.planning import OptimizingPlanner
 from tests.integration.cluster import in_process_cluster, wait_until
 from tests.integration.test_workflow_jobs import call, setup, video_qa_yaml, wait_job
 
@@ -81,5 +82,52 @@ def test_the_milp_runs_off_the_event_loop_and_the_controller_answers_meanwhile(t
             accepted = await submit
             assert (await wait_job(cluster, accepted.job_id, 60)).state == "succeeded"
             assert threading.get_ident() not in threads
+
+    asyncio.run(scenario())
+
+
+def test_the_first_plan_after_a_controller_restart_is_solved_off_the_loop(tmp_path: Path) -> None:
+    """After a restart the first plan waits for the nodes to re-register; its MILP runs on a worker thread
+    too, the controller answers meanwhile, and the engines that were running keep running."""
+    async def scenario() -> None:
+        async with in_process_cluster(tmp_path, nodes=2, gpus=4, utilization=0.0,
+                                      controller_settings=SETTINGS) as cluster:
+            await setup(cluster, ("video-qa.yaml", video_qa_yaml()))
+            video = file_blob(make_test_video(tmp_path / "v.avi", [(200, 30, 30)]))
+            first = await call(cluster, SubmitJob("video-qa", {"video": video, "question": "q"}, {"accuracy": "basic"}))
+            assert (await wait_job(cluster, first.job_id, 60)).state == "succeeded"
+
+            def running() -> dict[str, int]:
+                return {r.component_id: r.restarts for agent in cluster.agents.values()
+                        for r in agent.components.reports() if r.state == "ready"}
+
+            before = running()
+            assert before
+            threads: list[int] = []
+            solve = OptimizingPlanner.solve
+
+            def slow_solve(self, given):  # type: ignore[no-untyped-def]
+                threads.append(threading.get_ident())
+                time.sleep(1.5)
+                return solve(self, given)
+
+            OptimizingPlanner.solve = slow_solve  # type: ignore[method-assign]
+            try:
+                restarted = await cluster.restart_controller()
+                await wait_until(lambda: bool(threads), timeout_s=10, what="the first solve after the restart")
+                started = time.perf_counter()
+                await call(cluster, GetPlan())  # answered while that solve sleeps on its thread
+                assert time.perf_counter() - started < 1.0
+                assert restarted.workloads.in_restart_grace(restarted.clock())  # until its plan is adopted
+                await wait_until(lambda: not restarted.workloads.in_restart_grace(restarted.clock()), timeout_s=10,
+                                 what="the grace period to end with the first plan")
+                assert threading.get_ident() not in threads
+                after = await call(cluster, SubmitJob("video-qa", {"video": video, "question": "q2"},
+                                                      {"accuracy": "basic"}))
+                assert (await wait_job(cluster, after.job_id, 60)).state == "succeeded"
+            finally:
+                OptimizingPlanner.solve = solve  # type: ignore[method-assign]
+            after_restart = running()
+            assert {cid: after_restart.get(cid) for cid in before} == before  # none stopped or restarted
 
     asyncio.run(scenario())
