@@ -29,8 +29,8 @@ from agent.host import HostSampler, host_info
 from common import __version__
 from common.metrics import DeviceCollector, serve_metrics
 from common.protocol import (
-    CommandResult, DeviceTelemetry, ErrorReply, Heartbeat, HeartbeatAck, InvocationResult, Invoke, Register,
-    RegisterAccepted, ReregisterRequired, SetPowerLimit, StartComponent, StopComponent, build_dispatch,
+    CancelInvocation, CommandResult, DeviceTelemetry, ErrorReply, Heartbeat, HeartbeatAck, InvocationResult, Invoke,
+    Register, RegisterAccepted, ReregisterRequired, SetPowerLimit, StartComponent, StopComponent, build_dispatch,
 )
 from common.transport import RemoteError, RequestTimeout, RpcEndpoint, backoff_delays, configure_socket
 from common.workflow.catalog import ExecutorSpec
@@ -184,7 +184,8 @@ class Agent:
             sock, router=False, name=f"agent {self.settings.node_name}",
             dispatch=build_dispatch("agent", {
                 SetPowerLimit: self.on_set_power_limit, StartComponent: self.on_start_component,
-                StopComponent: self.on_stop_component, Invoke: self.on_invoke}),
+                StopComponent: self.on_stop_component, Invoke: self.on_invoke,
+                CancelInvocation: self.on_cancel_invocation}),
             on_rejected=lambda code: self.metrics.frames_rejected.labels("controller", code).inc())
         tasks = [asyncio.create_task(self.endpoint.serve()), asyncio.create_task(self._sample_loop()),
                  asyncio.create_task(self._link_loop()), asyncio.create_task(self.components.run())]
@@ -349,6 +350,13 @@ class Agent:
                 msg.command_id, False, f"drain_timeout_s must be >= 0, got {msg.drain_timeout_s:g}"))
         ok, text = self.components.stop(msg.component_id, msg.drain_timeout_s)
         return self._done("stop_component", CommandResult(msg.command_id, ok, text))
+
+    def on_cancel_invocation(self, peer: bytes, msg: CancelInvocation) -> Any:
+        answer = self._admit("cancel_invocation", msg.command_id, msg.controller_epoch, msg.node_generation)
+        if answer is not None:
+            return answer
+        ok, text = self.components.cancel(msg.invocation_id, msg.reason)
+        return self._done("cancel_invocation", CommandResult(msg.command_id, ok, text))
 
     async def on_invoke(self, peer: bytes, msg: Invoke) -> InvocationResult:
         if msg.controller_epoch != self.gate.epoch:

@@ -147,6 +147,7 @@ class ComponentManager:
         self.closing = False
         self._running: dict[str, asyncio.Task[InvocationResult]] = {}
         self._results: OrderedDict[str, InvocationResult] = OrderedDict()
+        self._cancelled: dict[str, str] = {}  # invocation id -> why the controller cancelled it, while it runs
         self.transition_observers: list[Callable[[Transition], None]] = []
 
     # --- commands ----------------------------------------------------------------------
@@ -405,8 +406,23 @@ class ComponentManager:
             running.add_done_callback(lambda task: self._finished(msg.invocation_id, task))
         return await asyncio.shield(running)
 
+    def cancel(self, invocation_id: str, reason: str) -> tuple[bool, str]:
+        """Stop a running (or slot-waiting) invocation; it answers with error ``cancelled``. (done, message)."""
+        task = self._running.get(invocation_id)
+        if task is None or task.done():
+            return True, f"invocation {invocation_id} is not running here (finished, or never received)"
+        self._cancelled[invocation_id] = reason
+        for comp in self.components.values():
+            call = comp.running.get(invocation_id)
+            if call is not None:
+                call.cancel()
+                return True, f"invocation {invocation_id} stopped on {comp.component_id}"
+        task.cancel()  # still waiting for a slot (or about to start): the task turns it into a result
+        return True, f"invocation {invocation_id} cancelled before it started"
+
     def _finished(self, invocation_id: str, task: asyncio.Task[InvocationResult]) -> None:
         self._running.pop(invocation_id, None)
+        self._cancelled.pop(invocation_id, None)
         if task.cancelled() or task.exception() is not None:
             return
         result = task.result()
@@ -454,6 +470,11 @@ class ComponentManager:
             except asyncio.TimeoutError:
                 return fail("timeout", f"waited {msg.timeout_s:g} s for a free slot on {comp.component_id} "
                             f"(max_concurrency {comp.executor.max_concurrency})", False)
+            except asyncio.CancelledError:
+                reason = self._cancelled.get(msg.invocation_id)
+                if reason is None:
+                    raise  # not ours to swallow (the agent is shutting down)
+                return fail("cancelled", f"cancelled by the controller while waiting for a slot: {reason}", False)
             finally:
                 comp.waiting -= 1
         try:
@@ -491,6 +512,8 @@ class ComponentManager:
             if not done:
                 call.cancel()
                 error = ("timeout", f"engine did not answer within {msg.timeout_s:g} s", False)
+            elif call.cancelled() and invocation_id in self._cancelled:
+                error = ("cancelled", f"cancelled by the controller: {self._cancelled[invocation_id]}", False)
             elif call.cancelled():
                 reason = comp.fail_reasons.pop(invocation_id, "invocation cancelled")
                 error = ("engine_failed", reason, True)

@@ -225,11 +225,25 @@ class Invoke:
     timeout_s: StrictFloat
 
 
+@message("cancel_invocation", kind="request", served_by="agent")
+@dataclass(frozen=True)
+class CancelInvocation:
+    """Stop an invocation the controller has given up on (its job was cancelled or failed), so it frees its
+    slot instead of running to its end; the invocation then answers with error ``cancelled``. An
+    invocation that is not running (finished, or never seen) is left alone, and the reply says so."""
+
+    command_id: StrictStr
+    controller_epoch: StrictInt
+    node_generation: StrictInt
+    invocation_id: StrictStr
+    reason: StrictStr
+
+
 @message("invocation_result", kind="reply")
 @dataclass(frozen=True)
 class InvocationResult:
     """``error_code`` is empty on success; otherwise invalid_input | tool_error | engine_failed |
-    component_unavailable | timeout | output_too_large | stale_command (see ``retryable``)."""
+    component_unavailable | timeout | output_too_large | stale_command | cancelled (see ``retryable``)."""
 
     invocation_id: StrictStr
     ok: StrictBool
@@ -618,6 +632,7 @@ __all__ = [
     "StartComponent",
     "StopComponent",
     "Invoke",
+    "CancelInvocation",
     "InvocationResult",
     "ApplyCatalog",
     "CatalogApplied",

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from common.protocol import (
-    CatalogApplied, ComponentList, ComponentReport, ComponentView, ErrorReply, ExecutorList, ExecutorView,
+    CancelInvocation, CatalogApplied, ComponentList, ComponentReport, ComponentView, ErrorReply, ExecutorList, ExecutorView,
     InvocationResult, InvocationView, Invoke, JobAccepted, JobDetail, JobList, JobSummary, JobView, ProtocolError,
     StartComponent, StopComponent, SubmitJob, WorkflowApplied, WorkflowDeleted, WorkflowDetail, WorkflowList,
     WorkflowSummary,
@@ -382,6 +382,8 @@ class WorkloadService:
                     row = self._dispatched.pop(invocation_id, None)
                     if row is not None:
                         self._save_row(row, "cancelled" if row.job_id in cancelled else "failed", reason)
+                        if row.node is not None:
+                            self._cancel_on_agent(row.node, invocation_id, reason)
                 case jx.JobStarted(job_id=job_id):
                     self.store.mark_started(job_id, time.time())
                 case jx.StageCompleted(job_id=job_id, stage=stage, outputs=outputs):
@@ -427,6 +429,28 @@ class WorkloadService:
         task = asyncio.ensure_future(self._invoke(d, row))
         self._inflight[d.invocation_id] = task
         task.add_done_callback(lambda _t, i=d.invocation_id: self._inflight.pop(i, None))
+
+    def _cancel_on_agent(self, node_name: str, invocation_id: str, reason: str) -> None:
+        """Tell the agent to stop an abandoned invocation, so it frees its slot; best effort (an agent that
+        does not answer finishes the invocation and its result is ignored)."""
+        node = self.c.registry.nodes.get(node_name)
+        if node is None or node.liveness is not Liveness.READY or self.c.agents is None:
+            return
+        message = CancelInvocation(uuid.uuid4().hex, self.c.epoch, node.generation, invocation_id, reason[:500])
+        key = f"cancel-{invocation_id}"
+        task = asyncio.ensure_future(self._send_cancel(node_name, message))
+        self._commands[key] = task
+        task.add_done_callback(lambda _t, k=key: self._commands.pop(k, None))
+
+    async def _send_cancel(self, node_name: str, message: CancelInvocation) -> None:
+        assert self.c.agents is not None
+        try:
+            result = await self.c.agents.request(message, peer=node_name.encode(),
+                                                 timeout_s=self.config.command_timeout_s)
+        except (RequestTimeout, PeerUnreachable, RemoteError) as exc:
+            log.info("cancel of invocation %s on %s not delivered: %s", message.invocation_id, node_name, exc)
+            return
+        log.info("cancel of invocation %s on %s: %s", message.invocation_id, node_name, result.message)
 
     async def _invoke(self, d: "jx.Dispatch", row: InvocationRow) -> None:
         assert self.c.agents is not None

@@ -29,8 +29,8 @@ from agent.devices.cpu import CpuDevice
 from agent.devices.sim import open_sim_devices
 from agent.tools.base import ToolError
 from common.protocol import (
-    CommandResult, ComponentReport, Heartbeat, HeartbeatAck, InvocationResult, Invoke, Register, RegisterAccepted,
-    StartComponent, StopComponent, build_dispatch,
+    CancelInvocation, CommandResult, ComponentReport, Heartbeat, HeartbeatAck, InvocationResult, Invoke, Register,
+    RegisterAccepted, StartComponent, StopComponent, build_dispatch,
 )
 from common.transport import RemoteError, RpcEndpoint, configure_socket
 from common.workflow.catalog import ExecutorSpec
@@ -129,6 +129,10 @@ class Link:
     async def stop(self, component_id: str, drain_timeout_s: float = 5.0) -> CommandResult:
         return await self.call(StopComponent(f"stop-{next(self.ids)}", self.epoch, self.generation, component_id,
                                              drain_timeout_s))
+
+    async def cancel(self, invocation_id: str, reason: str = "job cancelled", epoch: int | None = None) -> Any:
+        return await self.call(CancelInvocation(f"cancel-{next(self.ids)}", self.epoch if epoch is None else epoch,
+                                                self.generation, invocation_id, reason))
 
     async def invoke(self, component_id: str, task: str, inputs: dict, knobs: dict | None = None,
                      invocation_id: str | None = None, timeout_s: float = 5.0, epoch: int | None = None
@@ -339,6 +343,40 @@ def test_stop_drains_then_stops_and_drain_timeout_fails_leftovers(tmp_path: Path
             await link.start("sim-b", sim_executor("sim-chat", latency_s=3.0, task="chat"), (1,))
             await link.wait_state("sim-b", "ready")
             assert next(r for r in link.agent.components.reports() if r.component_id == "sim-b").restarts == 1
+
+    asyncio.run(scenario())
+
+
+def test_cancel_stops_a_running_or_waiting_invocation_and_frees_its_slot(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with agent_link(tmp_path, gpus=1) as link:
+            one_slot = {**sim_executor("sim-chat", latency_s=3.0, task="chat")}
+            one_slot["sim"] = {**one_slot["sim"], "max_concurrency": 1}
+            await link.start("solo", one_slot, (0,))
+            await link.wait_state("solo", "ready")
+            running = asyncio.ensure_future(link.invoke("solo", "chat", {"question": "a"}, invocation_id="run-1"))
+            await wait_until(lambda: link.agent.devices[0].utilization > 0, 2.0, "the first invocation running")
+            waiting = asyncio.ensure_future(link.invoke("solo", "chat", {"question": "b"}, invocation_id="wait-1"))
+            await asyncio.sleep(0.2)  # queued behind the first: one slot
+            t0 = time.monotonic()
+            answer = await link.cancel("wait-1", "job j-2 cancelled")
+            assert answer.ok and "before it started" in answer.message
+            queued = await waiting
+            assert queued.error_code == "cancelled" and not queued.retryable and "job j-2 cancelled" in queued.error
+            answer = await link.cancel("run-1", "job j-1 cancelled")
+            assert answer.ok and "stopped on solo" in answer.message
+            stopped = await running
+            assert time.monotonic() - t0 < 1.5  # not the 3 s the engine would take
+            assert stopped.error_code == "cancelled" and not stopped.retryable and "job j-1 cancelled" in stopped.error
+            assert stopped.energy_j is not None  # the energy it did use is still measured
+            # The slot is free at once: a new invocation starts (and would finish) without waiting.
+            fresh = asyncio.ensure_future(link.invoke("solo", "chat", {"question": "c"}, invocation_id="run-2"))
+            await wait_until(lambda: link.agent.devices[0].utilization > 0, 1.0, "the next invocation running")
+            # Cancelling what is not running is not an error; a stale epoch is refused.
+            assert "not running here" in (await link.cancel("never-seen")).message
+            with pytest.raises(RemoteError, match="stale_command"):
+                await link.cancel("run-2", epoch=EPOCH - 1)
+            assert (await fresh).ok  # the stale cancel changed nothing
 
     asyncio.run(scenario())
 

@@ -396,7 +396,7 @@ def test_code_debate_on_sim_nodes_ends_with_a_ranking(tmp_path: Path) -> None:
 
 
 def test_cancel_idempotency_and_get_job_wait(tmp_path: Path) -> None:
-    slow_s = 2.0
+    slow_s = 3.0
 
     async def scenario() -> None:
         async with in_process_cluster(tmp_path, nodes=1, gpus=2, utilization=0.0) as cluster:
@@ -407,7 +407,13 @@ def test_cancel_idempotency_and_get_job_wait(tmp_path: Path) -> None:
             slow = await call(cluster, SubmitJob("slow-chat", {"question": "Take your time."}))
             await wait_until_job(cluster, slow.job_id, running_invocation, "the slow invocation to run")
             cancelled = (await call(cluster, CancelJob(slow.job_id, "operator changed their mind"))).job
+            cancelled_at = time.monotonic()
             assert cancelled.state == "cancelled" and cancelled.reason == "operator changed their mind"
+            # The agent hears of it and stops the engine call: the slot is free long before the 3 s call ends.
+            runtime = cluster.agents["node-0"].components
+            await wait_until(lambda: not any(c.running for c in runtime.components.values()), timeout_s=5.0,
+                             what="the agent to stop the cancelled invocation")
+            assert time.monotonic() - cancelled_at < 1.5
             assert cancelled.ended_at_unix_s is not None and cancelled.outputs == {}
             assert not running_invocation(cancelled), cancelled.invocations
             again = (await call(cluster, CancelJob(slow.job_id, "second thoughts"))).job

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from common.protocol import (
     MAX_FRAME_BYTES, PROTOCOL_VERSION, DeviceTelemetry, DrainNode, GetNode, Heartbeat, HostTelemetry, ProtocolError,
-    Invoke, SetPowerLimit, StartComponent, StopComponent, build_dispatch, decode, encode, ops_served_by, registered_ops,
+    CancelInvocation, Invoke, SetPowerLimit, StartComponent, StopComponent, build_dispatch, decode, encode, ops_served_by, registered_ops,
 )
 from common.protocol.codec import message
 
@@ -124,7 +124,8 @@ def test_registry_rules_hold_at_import() -> None:
         assert spec.cls.op == spec.op
         if spec.kind == "request":
             assert spec.served_by is not None
-    assert ops_served_by("agent") == {"set_power_limit", "start_component", "stop_component", "invoke"}
+    assert ops_served_by("agent") == {"set_power_limit", "start_component", "stop_component", "invoke",
+                                      "cancel_invocation"}
 
 
 def test_dispatch_table_must_cover_exactly_the_endpoint() -> None:
@@ -132,10 +133,12 @@ def test_dispatch_table_must_cover_exactly_the_endpoint() -> None:
         build_dispatch("controller.admin", {GetNode: object()})
     with pytest.raises(TypeError, match="not a request served by"):
         build_dispatch("agent", {DrainNode: object(), SetPowerLimit: object()})
-    with pytest.raises(TypeError, match="no handler for: invoke, start_component, stop_component"):
+    with pytest.raises(TypeError, match="no handler for: cancel_invocation, invoke, start_component, stop_component"):
         build_dispatch("agent", {SetPowerLimit: "handler"})
-    table = build_dispatch("agent", {SetPowerLimit: "a", StartComponent: "b", StopComponent: "c", Invoke: "d"})
-    assert table == {"set_power_limit": "a", "start_component": "b", "stop_component": "c", "invoke": "d"}
+    table = build_dispatch("agent", {SetPowerLimit: "a", StartComponent: "b", StopComponent: "c", Invoke: "d",
+                                     CancelInvocation: "e"})
+    assert table == {"set_power_limit": "a", "start_component": "b", "stop_component": "c", "invoke": "d",
+                     "cancel_invocation": "e"}
 
 
 def test_registering_an_op_twice_or_a_mutable_class_fails() -> None:
