@@ -20,7 +20,7 @@ the work that is bandwidth-bound):
   f_max * (1 - 0.2 * (T - T_maxop)) ("SW thermal slowdown"); at or above the slowdown
   temperature the hardware halves it ("HW slowdown" + "HW thermal slowdown"). At the
   shutdown temperature the GPU powers off and falls off the bus, as a real one does.
-- Clock is clamped to [f_min, f_max]; power is P = P_idle + P_dyn(f).
+- Clock is clamped to [f_min, f_max]; power is P = P_ctx + P_dyn(f) at that clock.
 - Temperature: C dT/dt = P - (T - T_ambient) / R, integrated exactly for piecewise
   constant power: T <- T_ss + (T - T_ss) * exp(-dt / (R C)) with T_ss = T_ambient + P R.
   While no thermal limit can engage before the interval ends the whole interval is one

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from common.protocol import (
-    CancelInvocation, CatalogApplied, ComponentList, ComponentReport, ComponentView, ErrorReply, ExecutorList, ExecutorView,
-    InvocationResult, InvocationView, Invoke, JobAccepted, JobDetail, JobList, JobSummary, JobView, ProtocolError,
-    StartComponent, StopComponent, SubmitJob, WorkflowApplied, WorkflowDeleted, WorkflowDetail, WorkflowList,
-    WorkflowSummary,
+    CancelInvocation, CatalogApplied, ComponentList, ComponentReport, ComponentView, ErrorReply, ExecutorList,
+    ExecutorView, InvocationResult, InvocationView, Invoke, JobAccepted, JobDetail, JobList, JobSummary, JobView,
+    ProtocolError, StartComponent, StopComponent, SubmitJob, WorkflowApplied, WorkflowDeleted, WorkflowDetail,
+    WorkflowList, WorkflowSummary,
 )
 from common.transport import PeerUnreachable, RemoteError, RequestTimeout
 from common.workflow.catalog import ExecutorSpec

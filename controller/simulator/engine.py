@@ -201,7 +201,8 @@ class Simulator:
         self._last_s = max(self._last_s, to_s)
         self.now_s = to_s
 
-    def _device_busy_w(self, hardware: str, utilization: float, cap_w: float | None, memory_bound_share: float) -> float:
+    def _device_busy_w(self, hardware: str, utilization: float, cap_w: float | None,
+                       memory_bound_share: float) -> float:
         """Power of one GPU while it serves (at the executor's utilization and bandwidth-bound share, under its
         cap), steady temperature."""
         spec = GPU_SPECS[hardware]

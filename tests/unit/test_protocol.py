@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.protocol import (
-    MAX_FRAME_BYTES, PROTOCOL_VERSION, DeviceTelemetry, DrainNode, GetNode, Heartbeat, HostTelemetry, ProtocolError,
-    CancelInvocation, Invoke, SetPowerLimit, StartComponent, StopComponent, build_dispatch, decode, encode, ops_served_by, registered_ops,
+    MAX_FRAME_BYTES, PROTOCOL_VERSION, CancelInvocation, DeviceTelemetry, DrainNode, GetNode, Heartbeat, HostTelemetry,
+    Invoke, ProtocolError, SetPowerLimit, StartComponent, StopComponent, build_dispatch, decode, encode, ops_served_by,
+    registered_ops,
 )
 from common.protocol.codec import message
 
