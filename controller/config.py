@@ -41,6 +41,10 @@ class ControllerSettings(BaseModel):
     planning_wait_quantile: float | None = Field(
         0.99, gt=0, lt=1, description="murakkab planner: grow pools until this share of requests is predicted to "
                                       "meet its target with waits (M/M/c); unset: size on service times only")
+    start_failure_limit: int = Field(
+        3, ge=1, le=100, description="a component reported failed this many times in a row (never ready in between) "
+                                     "makes its executor avoid that node for avoid_node_s")
+    avoid_node_s: float = Field(600.0, gt=0, le=86400)
     log_level: str = "INFO"
 
     @model_validator(mode="after")

@@ -80,7 +80,8 @@ class Controller:
             command_timeout_s=settings.command_timeout_s, restart_grace_s=settings.lost_after_s,
             planner=settings.planner, planning_epoch_s=settings.planning_epoch_s,
             planning_queueing_slack=settings.planning_queueing_slack,
-            planning_wait_quantile=settings.planning_wait_quantile))
+            planning_wait_quantile=settings.planning_wait_quantile,
+            start_failure_limit=settings.start_failure_limit, avoid_node_s=settings.avoid_node_s))
         self.profiler = ProfilerService(self)
 
     def to_unix(self, monotonic_s: float | None) -> float | None:

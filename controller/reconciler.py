@@ -126,7 +126,9 @@ class ComponentStatus:
 
     ``actual_state`` is the reported state, ``absent`` when the ready node does not report it,
     or ``unknown`` when the node is not ready. ``restarts`` counts restarts the controller
-    ordered after the component failed or stopped.
+    ordered after the component failed or stopped; ``failures_since_ready`` counts the times it was
+    reported failed since it was last reported ready (refused or lost commands are the control
+    plane's trouble, not the component's, and do not count).
     """
 
     component_id: str
@@ -140,6 +142,7 @@ class ComponentStatus:
     last_error: str
     pending_command: str | None  # "start" | "stop" while one is in flight
     next_attempt_s: float | None  # when a backed-off start or stop may go out again
+    failures_since_ready: int = 0
 
     def view(self) -> ComponentView:
         return ComponentView(node=self.node, desired=self.desired, report=self.report,
@@ -159,6 +162,7 @@ class _Track:
     stop_not_before_s: float = -math.inf
     pending: str | None = None  # command id in flight
     restarts: int = 0
+    failures_since_ready: int = 0
     last_error: str = ""
     failure_counted: bool = False  # the failed state now reported was already backed off
     ready_since_s: float | None = None
@@ -269,6 +273,7 @@ class Reconciler:
             device_indexes=devices, actual_state=actual, report=report,
             restarts=track.restarts if track is not None else 0, last_error=last_error,
             pending_command=pending.kind if pending is not None else None, next_attempt_s=next_attempt,
+            failures_since_ready=track.failures_since_ready if track is not None else 0,
         )
 
     # --- events ----------------------------------------------------------------------------
@@ -309,6 +314,7 @@ class Reconciler:
         for report in event.reports:
             track = self._track(event.node, report.component_id)
             if report.state == "ready":
+                track.failures_since_ready = 0
                 if track.ready_since_s is None:
                     track.ready_since_s = event.now_s
                 elif event.now_s - track.ready_since_s >= self.config.backoff_reset_after_ready_s:
@@ -319,6 +325,7 @@ class Reconciler:
                 # Counted once per failure; ignored while our start is in flight (the report may predate it).
                 if not track.failure_counted and track.pending is None:
                     track.failure_counted = True
+                    track.failures_since_ready += 1
                     track.last_error = report.reason or "failed (no reason reported)"
                     track.start_not_before_s = event.now_s + self._backoff(track)
             else:

@@ -263,13 +263,19 @@ def _why_nowhere(need: _Need, nodes: Sequence[NodeSnapshot], ledger: _Ledger) ->
     return f"needs {need.describe()}, no schedulable node has that ({shown})"
 
 
-def _unplaceable_reason(exe: ExecutorSpec, nodes: Sequence[NodeSnapshot]) -> str | None:
+def _unplaceable_reason(exe: ExecutorSpec, nodes: Sequence[NodeSnapshot],
+                        avoid: Mapping[tuple[str, str], str]) -> str | None:
     """Why no schedulable node could take one instance even when empty, or None."""
     need = _Need.of(exe)
     empty = _Ledger()
-    if any(not isinstance(_fit(need, n, empty), str) for n in nodes):
+    allowed = [n for n in nodes if (exe.name, n.name) not in avoid]
+    if any(not isinstance(_fit(need, n, empty), str) for n in allowed):
         return None
-    return _why_nowhere(need, nodes, empty)
+    avoided = [f"{n.name} avoided: {avoid[(exe.name, n.name)]}" for n in nodes if (exe.name, n.name) in avoid]
+    if not allowed and avoided:
+        return "; ".join(avoided)
+    reason = _why_nowhere(need, allowed, empty)
+    return reason + (f"; {'; '.join(avoided)}" if avoided else "")
 
 
 def _component_id(executor: str, node: str, taken: set[str], numbers: set[int]) -> tuple[str, int]:
@@ -279,9 +285,10 @@ def _component_id(executor: str, node: str, taken: set[str], numbers: set[int]) 
     return f"{executor}-{node}-{n}", n
 
 
-def _place(chosen: list[ExecutorSpec], nodes: Sequence[NodeSnapshot], current: Sequence[PlacedComponent],
-           ) -> tuple[list[PlacedComponent], dict[str, str], list[str]]:
+def _place(chosen: list[ExecutorSpec], all_nodes: Sequence[NodeSnapshot], current: Sequence[PlacedComponent],
+           avoid: Mapping[tuple[str, str], str]) -> tuple[list[PlacedComponent], dict[str, str], list[str]]:
     """Components for the chosen executors; executors with no instance placed -> reason; notes."""
+    nodes = list(all_nodes)
     ledger = _Ledger()
     by_node = {n.name: n for n in nodes}
     taken = {c.component_id for c in current}
@@ -302,6 +309,9 @@ def _place(chosen: list[ExecutorSpec], nodes: Sequence[NodeSnapshot], current: S
                          f"{exe.replicas} replica(s)")
         elif node is None:
             notes.append(f"component {comp.component_id} not kept: node {comp.node} is not schedulable")
+        elif (exe.name, comp.node) in avoid:
+            notes.append(f"component {comp.component_id} not kept: {exe.name} is avoided on {comp.node}: "
+                         f"{avoid[(exe.name, comp.node)]}")
         elif not _fits_at(need, node, tuple(comp.device_indexes), ledger):
             notes.append(f"component {comp.component_id} not kept: it no longer fits on {comp.node} "
                          f"devices {list(comp.device_indexes)}")
@@ -316,12 +326,16 @@ def _place(chosen: list[ExecutorSpec], nodes: Sequence[NodeSnapshot], current: S
                                           -_Need.of(e).cpu_weight, e.name))
     for exe in order:
         need = _Need.of(exe)
+        allowed = [n for n in nodes if (exe.name, n.name) not in avoid]
         while len(placed[exe.name]) < exe.replicas:
             used_nodes = {c.node for c in placed[exe.name]}
-            ranked = [n for n in nodes if n.name not in used_nodes] + [n for n in nodes if n.name in used_nodes]
+            ranked = [n for n in allowed if n.name not in used_nodes] + [n for n in allowed if n.name in used_nodes]
             spot = next(((n, fit) for n in ranked if not isinstance(fit := _fit(need, n, ledger), str)), None)
             if spot is None:
-                reason = _why_nowhere(need, nodes, ledger)
+                reason = _why_nowhere(need, allowed, ledger)
+                avoided = [n.name for n in nodes if (exe.name, n.name) in avoid]
+                if avoided:
+                    reason += f" (avoided there: {', '.join(avoided)})"
                 if placed[exe.name]:
                     notes.append(f"executor {exe.name}: placed {len(placed[exe.name])} of {exe.replicas} "
                                  f"replica(s): {reason}")
@@ -405,8 +419,13 @@ def _choose_stage(workflow: str, stage: StageSpec, catalog: Mapping[str, Executo
 
 
 def plan(workflows: Mapping[str, WorkflowSpec], catalog: Mapping[str, ExecutorSpec], demands: Iterable[Demand],
-         nodes: Sequence[NodeSnapshot], current: Sequence[PlacedComponent] = ()) -> Plan:
-    """Choose executors and knobs for every demand and place their components first fit."""
+         nodes: Sequence[NodeSnapshot], current: Sequence[PlacedComponent] = (),
+         avoid: Mapping[tuple[str, str], str] | None = None) -> Plan:
+    """Choose executors and knobs for every demand and place their components first fit.
+
+    ``avoid``: (executor, node) pairs not to use, with why (an executor that keeps failing to start there).
+    """
+    avoid = avoid or {}
     schedulable = sorted((n for n in nodes if n.schedulable), key=lambda n: n.name)
     wanted = list(dict.fromkeys(demands))
     static: dict[str, str | None] = {}
@@ -416,7 +435,7 @@ def plan(workflows: Mapping[str, WorkflowSpec], catalog: Mapping[str, ExecutorSp
         if exe.name in crowded:
             return crowded[exe.name]
         if exe.name not in static:
-            static[exe.name] = _unplaceable_reason(exe, schedulable)
+            static[exe.name] = _unplaceable_reason(exe, schedulable, avoid)
         return static[exe.name]
 
     while True:
@@ -429,7 +448,7 @@ def plan(workflows: Mapping[str, WorkflowSpec], catalog: Mapping[str, ExecutorSp
             else:
                 choices[demand] = result
         names = sorted({c.executor for stage_choices in choices.values() for c in stage_choices.values()})
-        components, unplaced, notes = _place([catalog[n] for n in names], schedulable, current)
+        components, unplaced, notes = _place([catalog[n] for n in names], schedulable, current, avoid)
         if not unplaced:
             break
         for name, reason in unplaced.items():

@@ -54,6 +54,9 @@ Rules, in the order they are applied:
   when a config in the solution matches it (executor, hardware, tp; same power limit first, then
   any cap, in which case it keeps its id and only its power limit changes) and it still fits under
   every rule above; components that no longer fit are not kept, and their instance is placed anew.
+- Avoided: ``PlacementLimits.avoid`` names (executor, node) pairs not to use for now (the
+  controller's list of executors that keep failing to start on a node); such a component is not
+  kept and no new instance of that executor goes there.
 - New instances, configs in order of size (tp, GPU memory, then names), one at a time: among
   nodes that can take one, with ``spread`` the fewest instances of the same config in the rack,
   then on the node; then not sharing a GPU; then the coolest predicted GPU; then the node name.
@@ -135,6 +138,7 @@ class PlacementLimits:
     sticky: bool = True  # keep current components where they still fit
     allow_sharing: bool = True  # several instances on one GPU when memory allows
     count_foreign_memory: bool = True  # subtract reported use on GPUs without current components
+    avoid: dict[tuple[str, str], str] = field(default_factory=dict)  # (executor, node) -> why not there for now
 
 
 @dataclass(frozen=True)
@@ -532,6 +536,9 @@ class _Placer:
         """The best way to put one new instance on ``node``, or the category and detail of why not."""
         if node.name in self.ineligible:
             return f"node {self.ineligible[node.name]}", node.name
+        avoided = self.limits.avoid.get((need.executor.name, node.name))
+        if avoided is not None:
+            return "avoided", f"{node.name}: {avoided}"
         if node.name in self.hot:
             return "hot node", f"{node.name}: {self.hot[node.name]}"
         if not need.on_gpu:
@@ -668,6 +675,12 @@ class _Placer:
                               f"the solution, or has its instances): {shown}")
 
     def sticky_fit(self, comp: PlacedComponent, need: _Need) -> _Fit | str:
+        avoided = self.limits.avoid.get((comp.executor, comp.node))
+        if avoided is not None:
+            return f"{comp.executor} is avoided on {comp.node}: {avoided}"
+        return self._sticky_fit(comp, need)
+
+    def _sticky_fit(self, comp: PlacedComponent, need: _Need) -> _Fit | str:
         node = self.nodes[comp.node]
         if node.name in self.ineligible:
             return f"node {node.name} is {self.ineligible[node.name]}"

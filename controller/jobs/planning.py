@@ -60,6 +60,7 @@ class PlanningInput:
     nodes: list[NodeState]
     current: tuple[PlacedComponent, ...]
     started_s: float
+    avoid: dict[tuple[str, str], str] = field(default_factory=dict)  # (executor, node) -> why not there
 
 
 @dataclass
@@ -166,7 +167,8 @@ class OptimizingPlanner:
 
     def snapshot(self, workflows: Mapping[str, WorkflowSpec], catalog: Mapping[str, ExecutorSpec],
                  demands: Sequence[Demand], nodes: Sequence[NodeRecord], current: Sequence[PlacedComponent],
-                 now_s: float, predictors: Predictors | None = None) -> PlanningInput:
+                 now_s: float, predictors: Predictors | None = None,
+                 avoid: Mapping[tuple[str, str], str] | None = None) -> PlanningInput:
         """Everything a solve reads, copied on the event loop so ``solve`` can run on a thread.
 
         ``predictors`` (fitted on stored profiles) take precedence over the catalog's model where they
@@ -181,7 +183,7 @@ class OptimizingPlanner:
         wanted = [d for d in demands if d.workflow in workflows]
         rates = tuple(DemandRate(d, self.arrivals.rate_rps(d)) for d in wanted)
         return PlanningInput(dict(workflows), dict(catalog), tuple(wanted), rates, hardware, counts, perf,
-                             node_states(nodes), tuple(current), started)
+                             node_states(nodes), tuple(current), started, dict(avoid or {}))
 
     def solve(self, given: PlanningInput) -> PlanOutcome:
         """The MILP, placement and the explanation; touches nothing the event loop changes."""
@@ -197,7 +199,8 @@ class OptimizingPlanner:
             wait_quantile=self.config.wait_quantile)
         solution = _solve(problem)
         placement = place(solution.instances, given.nodes, catalog, given.current,
-                          PlacementLimits(rack_power_budget_w=dict(self.config.rack_power_budget_w)), perf=perf,
+                          PlacementLimits(rack_power_budget_w=dict(self.config.rack_power_budget_w),
+                                          avoid=dict(given.avoid)), perf=perf,
                           hardware=hardware)
         unsatisfiable = dict(solution.unserved)
         placed_executors = {c.executor for c in placement.components}

@@ -67,6 +67,8 @@ class WorkloadConfig:
     planning_queueing_slack: float = 0.2  # murakkab: share of each latency target kept for waiting
     planning_wait_quantile: float | None = 0.99  # murakkab: size pools so this share meets its target with waits
     power_limit_retry_s: float = 10.0
+    start_failure_limit: int = 3  # reported failed this many times in a row: the executor avoids that node ...
+    avoid_node_s: float = 600.0  # ... for this long (then it may be tried there again)
 
 
 class WorkloadService:
@@ -100,6 +102,8 @@ class WorkloadService:
         self._grace_until_s: float | None = None
         self._planning: asyncio.Future[None] | None = None  # the optimizing planner's solve in flight
         self._grace_planning: asyncio.Future[None] | None = None  # the first plan after a restart, off the loop
+        self._avoid: dict[tuple[str, str], tuple[float, str]] = {}  # (executor, node) -> (until, why)
+        self._failures_forgiven: dict[tuple[str, str], int] = {}  # (node, component id) -> failures counted already
         self.optimizing = (OptimizingPlanner(PlanningConfig(epoch_s=config.planning_epoch_s,
                                                             queueing_slack=config.planning_queueing_slack,
                                                             wait_quantile=config.planning_wait_quantile))
@@ -164,6 +168,7 @@ class WorkloadService:
                     self._node_report(node.name, False, self.reports.get(node.name, ()), now_s)
         if self.in_restart_grace(now_s):
             return
+        self._update_avoided(now_s)
         if self._replan_needed or now_s >= self._replan_at_s:
             if self.optimizing is None:
                 self.replan(now_s)
@@ -171,6 +176,42 @@ class WorkloadService:
                 self._start_planning()
         self.perform(self.reconciler.handle(rc.Tick(now_s)))
         self._apply_power_limits(now_s)
+
+    def _update_avoided(self, now_s: float) -> None:
+        """Executors that keep failing to start on a node avoid it for a while, and the plan moves them.
+
+        A component reported failed ``start_failure_limit`` times in a row (the reconciler's count,
+        reset when it is ready) puts (executor, node) on the list for ``avoid_node_s``; both planners
+        then place the executor elsewhere, or say why they cannot. When the time is up the executor
+        may go there again, and only failures after that count towards a new entry.
+        """
+        changed = False
+        for key, (until_s, _) in list(self._avoid.items()):
+            if now_s >= until_s:
+                del self._avoid[key]
+                changed = True
+                log.info("executor %s may run on node %s again", *key)
+        for status in self.reconciler.statuses():
+            key = (status.executor, status.node)
+            forgiven = self._failures_forgiven.get((status.node, status.component_id), 0)
+            if status.failures_since_ready < forgiven:
+                self._failures_forgiven.pop((status.node, status.component_id), None)  # it was ready since
+                forgiven = 0
+            if not status.desired or key in self._avoid or \
+                    status.failures_since_ready - forgiven < self.config.start_failure_limit:
+                continue
+            self._failures_forgiven[(status.node, status.component_id)] = status.failures_since_ready
+            reason = (f"failed {status.failures_since_ready - forgiven} times in a row there (last: "
+                      f"{status.last_error or 'no reason reported'}); avoided for {self.config.avoid_node_s:g} s")
+            self._avoid[key] = (now_s + self.config.avoid_node_s, reason)
+            log.warning("executor %s avoids node %s: %s", status.executor, status.node, reason)
+            changed = True
+        if changed:
+            self._replan_needed = True
+
+    def avoided(self) -> dict[tuple[str, str], str]:
+        """(executor, node) pairs the planners do not use for now, with why."""
+        return {key: why for key, (_, why) in self._avoid.items()}
 
     def _apply_power_limits(self, now_s: float) -> None:
         """Level-triggered, like the reconciler: a device whose reported limit differs from the plan's
@@ -312,7 +353,7 @@ class WorkloadService:
         profiler = getattr(self.c, "profiler", None)
         return self.optimizing.snapshot(workflows, self.catalog, demands, list(self.c.registry.nodes.values()),
                                         self._current_components(), now_s,
-                                        profiler.predictors if profiler is not None else None)
+                                        profiler.predictors if profiler is not None else None, self.avoided())
 
     def _start_planning(self) -> asyncio.Future[None]:
         """Solve on a worker thread (the MILP takes up to its time limit); one solve at a time."""
@@ -345,7 +386,8 @@ class WorkloadService:
         workflows = {name: spec for name, (_, spec) in self.workflows.items()}
         demands = sorted(set(self.demands) | set(self._job_demands.values()), key=repr)
         started = time.perf_counter()
-        plan = first_fit.plan(workflows, self.catalog, demands, self.node_snapshots(), self._current_components())
+        plan = first_fit.plan(workflows, self.catalog, demands, self.node_snapshots(), self._current_components(),
+                              self.avoided())
         self.explanation = first_fit_explanation(plan, time.perf_counter() - started)
         return self._adopt(plan, now_s)
 

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from agent.tools.testdata import DEFAULT_SCENE_COLORS, file_blob, make_test_video
+from agent.components.engines.base import EngineError
 from common.protocol import (
     ApplyCatalog, ApplyWorkflow, CancelJob, DeleteWorkflow, DrainNode, GetJob, GetWorkflow, ListComponents,
     ListExecutors, ListJobs, ListWorkflows, SubmitJob,
@@ -546,5 +547,37 @@ def test_controller_restart_keeps_running_components(tmp_path: Path) -> None:
             assert after.state == "succeeded", after.reason
             reports = {r.component_id: r for r in agent.components.reports()}
             assert {cid: reports[cid].restarts for cid in before} == before, reports
+
+    asyncio.run(scenario())
+
+
+def test_an_executor_that_keeps_failing_to_start_on_a_node_is_moved_elsewhere(tmp_path: Path) -> None:
+    """Its component fails on node-0 every time (a model missing there, say): after two failures in a row the
+    executor avoids node-0, the plan moves it to node-1, and the job waiting for it succeeds."""
+    async def scenario() -> None:
+        settings = {"start_failure_limit": 2, "avoid_node_s": 600.0}
+        async with in_process_cluster(tmp_path, nodes=2, gpus=1, utilization=0.0,
+                                      controller_settings=settings) as cluster:
+            broken = cluster.agents["node-0"].components
+            healthy_factory = broken.engine_factory
+
+            def missing_model(ctx, *, clock):  # type: ignore[no-untyped-def]
+                if ctx.executor.name == "sim-slow-chat":
+                    raise EngineError("engine_failed", "model weights not found on this node", retryable=True)
+                return healthy_factory(ctx, clock=clock)
+
+            broken.engine_factory = missing_model
+            await setup(cluster, ("slow-chat.yaml", slow_chat_workflow()),
+                        extra=[slow_chat_executor(latency_s=0.2, max_concurrency=1)])
+            accepted = await call(cluster, SubmitJob("slow-chat", {"question": "Where do you run?"}))
+            job = await wait_job(cluster, accepted.job_id, 40)
+            assert job.state == "succeeded", job.reason
+            assert {i.node for i in job.invocations} == {"node-1"}
+            avoided = cluster.controller.workloads.avoided()
+            assert list(avoided) == [("sim-slow-chat", "node-0")]
+            assert "failed 2 times in a row" in avoided[("sim-slow-chat", "node-0")]
+            assert "model weights not found" in avoided[("sim-slow-chat", "node-0")]
+            plan = cluster.controller.workloads.plan
+            assert [c.node for c in plan.components if c.executor == "sim-slow-chat"] == ["node-1"]
 
     asyncio.run(scenario())

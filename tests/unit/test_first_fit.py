@@ -414,3 +414,19 @@ def test_plans_are_deterministic() -> None:
         assert plan({"wf": wf}, cat, demands, nodes) == reference
     ids = [c.component_id for c in reference.components]
     assert len(ids) == len(set(ids))
+
+
+def test_an_avoided_node_is_not_used_for_that_executor_and_the_reason_says_why() -> None:
+    cat = catalog(executor("chat-a", gpu_gib=30), executor("chat-b", gpu_gib=40))
+    d = demand()
+    nodes = [gpu_node("n1"), gpu_node("n2")]
+    why = "failed 3 times in a row there (last: model weights not found)"
+    first = plan({"wf": workflow()}, cat, [d], nodes)
+    assert chosen(first, d) == "chat-a" and [c.node for c in first.components] == ["n1"]
+    moved = plan({"wf": workflow()}, cat, [d], nodes, first.components, avoid={("chat-a", "n1"): why})
+    assert chosen(moved, d) == "chat-a" and [c.node for c in moved.components] == ["n2"]
+    assert any("not kept" in n and "avoided on n1" in n for n in moved.notes), moved.notes
+    # Avoided everywhere: the next executor for the task takes over, and the notes say why.
+    other = plan({"wf": workflow()}, cat, [d], nodes, avoid={("chat-a", "n1"): why, ("chat-a", "n2"): why})
+    assert chosen(other, d) == "chat-b"
+    assert any("chat-a cannot be placed" in n and "n1 avoided" in n and "n2 avoided" in n for n in other.notes)

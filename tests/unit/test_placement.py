@@ -622,3 +622,16 @@ def test_no_placement_breaks_a_rule(case: tuple[list[NodeState], list[NodeState]
                                                         kept[comp.component_id].device_indexes)
         else:
             assert comp.node not in hot
+
+
+def test_avoided_executor_node_pairs_are_not_used_nor_kept() -> None:
+    nodes = [node("a1", gpus=1), node("a2", gpus=1)]
+    first = place({cfg("big"): 1}, nodes, CATALOG)
+    assert where(first) == [("a1", (0,))]
+    limits = PlacementLimits(avoid={("big", "a1"): "failed 3 times in a row there"})
+    moved = place({cfg("big"): 1}, nodes, CATALOG, first.components, limits)
+    assert where(moved) == [("a2", (0,))]
+    assert any("not kept" in n and "avoided on a1" in n for n in moved.notes), moved.notes
+    nowhere = place({cfg("big"): 1}, [node("a1", gpus=1)], CATALOG, limits=limits)
+    assert nowhere.unplaced == {cfg("big"): 1} and "avoided" in nowhere.reasons[cfg("big")]
+    assert where(place({cfg("chat"): 1}, [node("a1", gpus=1)], CATALOG, limits=limits)) == [("a1", (0,))]

@@ -88,11 +88,12 @@ def test_failed_component_restarts_with_doubling_backoff_that_resets_after_stayi
         now += 1.0
     assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
     status = rec.status("chat-n1-0")
-    assert status.restarts == 8
+    assert status.restarts == 8 and status.failures_since_ready == 8
     assert status.last_error == "engine exited with code 1"
     # Ready for 60 s: the next failure waits 1 s again.
     for t in range(0, 61, 5):
         beat(rec, now + t, "n1", report(CHAT, "ready"))
+    assert rec.status("chat-n1-0").failures_since_ready == 0  # counted since it was last ready
     now += 61.0
     beat(rec, now, "n1", report(CHAT, "failed", reason="oom"))
     assert rec.handle(Tick(now + 0.9)) == []
@@ -206,6 +207,7 @@ def test_a_refused_command_is_retried_with_doubling_backoff() -> None:
     assert times == [1.0, 2.0, 4.0, 8.0]
     assert rec.status("chat-n1-0").last_error == "start command failed: stale_command: old generation"
     assert rec.status("chat-n1-0").restarts == 0  # never ran: retries are not restarts
+    assert rec.status("chat-n1-0").failures_since_ready == 0  # nor failures of the component
 
 
 def test_a_failed_stop_is_retried() -> None:
