@@ -420,12 +420,16 @@ def _choose_stage(workflow: str, stage: StageSpec, catalog: Mapping[str, Executo
 
 def plan(workflows: Mapping[str, WorkflowSpec], catalog: Mapping[str, ExecutorSpec], demands: Iterable[Demand],
          nodes: Sequence[NodeSnapshot], current: Sequence[PlacedComponent] = (),
-         avoid: Mapping[tuple[str, str], str] | None = None) -> Plan:
+         avoid: Mapping[tuple[str, str], str] | None = None, keep_executors: Iterable[str] = ()) -> Plan:
     """Choose executors and knobs for every demand and place their components first fit.
 
     ``avoid``: (executor, node) pairs not to use, with why (an executor that keeps failing to start there).
+    ``keep_executors``: executors to place even when no demand chooses them now (unfinished jobs chose
+    them before a workflow update); those not in the catalog are named in the notes.
     """
     avoid = avoid or {}
+    kept = sorted({name for name in keep_executors if name in catalog})
+    missing = sorted({name for name in keep_executors if name not in catalog})
     schedulable = sorted((n for n in nodes if n.schedulable), key=lambda n: n.name)
     wanted = list(dict.fromkeys(demands))
     static: dict[str, str | None] = {}
@@ -447,7 +451,8 @@ def plan(workflows: Mapping[str, WorkflowSpec], catalog: Mapping[str, ExecutorSp
                 unsatisfiable[demand] = result
             else:
                 choices[demand] = result
-        names = sorted({c.executor for stage_choices in choices.values() for c in stage_choices.values()})
+        names = sorted({c.executor for stage_choices in choices.values() for c in stage_choices.values()}
+                       | {n for n in kept if n not in crowded})
         components, unplaced, notes = _place([catalog[n] for n in names], schedulable, current, avoid)
         if not unplaced:
             break
@@ -455,6 +460,8 @@ def plan(workflows: Mapping[str, WorkflowSpec], catalog: Mapping[str, ExecutorSp
             crowded[name] = f"no room left beside the rest of the plan: {reason}"
     for name, reason in sorted(crowded.items()):
         notes.append(f"executor {name} left out: {reason}")
+    for name in missing:
+        notes.append(f"executor {name}: unfinished jobs chose it, but it is no longer in the catalog")
     for name, reason in sorted((n, r) for n, r in static.items() if r is not None):
         notes.append(f"executor {name} cannot be placed: {reason}")
     return Plan(choices=choices, components=tuple(sorted(components, key=lambda c: c.component_id)),

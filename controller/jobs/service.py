@@ -99,6 +99,7 @@ class WorkloadService:
         self._commands: dict[str, asyncio.Task[None]] = {}
         self._dispatched: dict[str, InvocationRow] = {}
         self._job_demands: dict[str, Demand] = {}  # unfinished job -> its demand (keeps its components planned)
+        self._job_executors: dict[str, frozenset[str]] = {}  # unfinished job -> the executors its stored choices name
         self._grace_until_s: float | None = None
         self._planning: asyncio.Future[None] | None = None  # the optimizing planner's solve in flight
         self._grace_planning: asyncio.Future[None] | None = None  # the first plan after a restart, off the loop
@@ -141,6 +142,7 @@ class WorkloadService:
             self._job_demands[job.job_id] = demand
             restored = self.store.stage_outputs(job.job_id)
             choices = {stage: StageChoice(c["executor"], dict(c["knobs"])) for stage, c in job.choices.items()}
+            self._job_executors[job.job_id] = frozenset(c.executor for c in choices.values())
             try:
                 spec = WorkflowSpec.from_dict(job.spec, source=f"job {job.job_id}")
             except SpecError as exc:
@@ -208,6 +210,11 @@ class WorkloadService:
             changed = True
         if changed:
             self._replan_needed = True
+
+    def live_job_executors(self) -> frozenset[str]:
+        """Executors that unfinished jobs' stored choices name: the plan keeps them running even when a
+        workflow update or a re-plan would choose others for new jobs."""
+        return frozenset().union(*self._job_executors.values()) if self._job_executors else frozenset()
 
     def avoided(self) -> dict[tuple[str, str], str]:
         """(executor, node) pairs the planners do not use for now, with why."""
@@ -387,7 +394,7 @@ class WorkloadService:
         demands = sorted(set(self.demands) | set(self._job_demands.values()), key=repr)
         started = time.perf_counter()
         plan = first_fit.plan(workflows, self.catalog, demands, self.node_snapshots(), self._current_components(),
-                              self.avoided())
+                              self.avoided(), keep_executors=self.live_job_executors())
         self.explanation = first_fit_explanation(plan, time.perf_counter() - started)
         return self._adopt(plan, now_s)
 
@@ -441,6 +448,7 @@ class WorkloadService:
     def _finish_job(self, job_id: str, state: str, reason: str, outputs: dict[str, Any] | None) -> None:
         self.store.finish_job(job_id, state, reason, outputs if state == "succeeded" else None, time.time())
         self._job_demands.pop(job_id, None)
+        self._job_executors.pop(job_id, None)
         level = logging.INFO if state == "succeeded" else logging.WARNING
         log.log(level, "job %s %s%s", job_id, state, f": {reason}" if reason else "")
         self.c.metrics.jobs.labels(state).inc()
@@ -708,6 +716,7 @@ class WorkloadService:
                         dict(msg.inputs), "queued", "", None, time.time(), None, None)
         self.store.insert_job(job, msg.idempotency_key)
         self._job_demands[job.job_id] = demand
+        self._job_executors[job.job_id] = frozenset(c.executor for c in choices.values())
         self.c.metrics.jobs.labels("accepted").inc()
         self.perform(self.executor.handle(jx.JobSubmitted(job.job_id, spec, dict(msg.inputs), dict(choices), now)))
         return JobAccepted(job.job_id, stored.version)

@@ -581,3 +581,28 @@ def test_an_executor_that_keeps_failing_to_start_on_a_node_is_moved_elsewhere(tm
             assert [c.node for c in plan.components if c.executor == "sim-slow-chat"] == ["node-1"]
 
     asyncio.run(scenario())
+
+
+def test_a_workflow_update_keeps_the_executors_that_unfinished_jobs_chose(tmp_path: Path) -> None:
+    """Jobs queued under the old version still run on the executor they chose; new jobs use the new one."""
+    async def scenario() -> None:
+        async with in_process_cluster(tmp_path, nodes=1, gpus=2, utilization=0.0,
+                                      controller_settings={"job_queue_timeout_s": 30.0}) as cluster:
+            other = {**slow_chat_executor(latency_s=0.1), "name": "sim-quick-chat"}
+            await setup(cluster, ("slow-chat.yaml", slow_chat_workflow()),
+                        extra=[slow_chat_executor(latency_s=1.0, max_concurrency=1), other])
+            old = [await call(cluster, SubmitJob("slow-chat", {"question": f"Q{i}?"})) for i in range(3)]
+            await wait_until_job(cluster, old[0].job_id, running_invocation, "the first invocation to run")
+            await call(cluster, ApplyWorkflow("slow-chat.yaml", slow_chat_workflow().replace(
+                "executor: sim-slow-chat", "executor: sim-quick-chat")))
+            new = await call(cluster, SubmitJob("slow-chat", {"question": "New?"}))
+            jobs = [await wait_job(cluster, a.job_id, 30) for a in old]
+            assert [j.state for j in jobs] == ["succeeded"] * 3, [j.reason for j in jobs]
+            assert all(i.executor == "sim-slow-chat" for j in jobs for i in j.invocations)
+            fresh = await wait_job(cluster, new.job_id, 30)
+            assert fresh.state == "succeeded" and {i.executor for i in fresh.invocations} == {"sim-quick-chat"}
+            # With the old jobs done, nothing keeps the old executor planned.
+            await wait_until(lambda: "sim-slow-chat" not in cluster.controller.workloads.live_job_executors(),
+                             timeout_s=5, what="the old jobs to release their executor")
+
+    asyncio.run(scenario())

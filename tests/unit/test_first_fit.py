@@ -430,3 +430,12 @@ def test_an_avoided_node_is_not_used_for_that_executor_and_the_reason_says_why()
     other = plan({"wf": workflow()}, cat, [d], nodes, avoid={("chat-a", "n1"): why, ("chat-a", "n2"): why})
     assert chosen(other, d) == "chat-b"
     assert any("chat-a cannot be placed" in n and "n1 avoided" in n and "n2 avoided" in n for n in other.notes)
+
+
+def test_executors_of_unfinished_jobs_stay_placed_when_no_demand_chooses_them() -> None:
+    cat = catalog(executor("chat-a", gpu_gib=30), executor("chat-b", gpu_gib=40))
+    d = demand()
+    result = plan({"wf": workflow()}, cat, [d], [gpu_node("n1", gpus=2)], keep_executors=["chat-b", "chat-gone"])
+    assert chosen(result, d) == "chat-a"
+    assert sorted(c.executor for c in result.components) == ["chat-a", "chat-b"]
+    assert any("chat-gone" in n and "no longer in the catalog" in n for n in result.notes), result.notes
