@@ -61,6 +61,7 @@ class PlanningInput:
     current: tuple[PlacedComponent, ...]
     started_s: float
     avoid: dict[tuple[str, str], str] = field(default_factory=dict)  # (executor, node) -> why not there
+    keep_executors: frozenset[str] = frozenset()  # unfinished jobs chose them: their running instances stay
 
 
 @dataclass
@@ -168,7 +169,8 @@ class OptimizingPlanner:
     def snapshot(self, workflows: Mapping[str, WorkflowSpec], catalog: Mapping[str, ExecutorSpec],
                  demands: Sequence[Demand], nodes: Sequence[NodeRecord], current: Sequence[PlacedComponent],
                  now_s: float, predictors: Predictors | None = None,
-                 avoid: Mapping[tuple[str, str], str] | None = None) -> PlanningInput:
+                 avoid: Mapping[tuple[str, str], str] | None = None,
+                 keep_executors: frozenset[str] = frozenset()) -> PlanningInput:
         """Everything a solve reads, copied on the event loop so ``solve`` can run on a thread.
 
         ``predictors`` (fitted on stored profiles) take precedence over the catalog's model where they
@@ -183,7 +185,7 @@ class OptimizingPlanner:
         wanted = [d for d in demands if d.workflow in workflows]
         rates = tuple(DemandRate(d, self.arrivals.rate_rps(d)) for d in wanted)
         return PlanningInput(dict(workflows), dict(catalog), tuple(wanted), rates, hardware, counts, perf,
-                             node_states(nodes), tuple(current), started, dict(avoid or {}))
+                             node_states(nodes), tuple(current), started, dict(avoid or {}), frozenset(keep_executors))
 
     def solve(self, given: PlanningInput) -> PlanOutcome:
         """The MILP, placement and the explanation; touches nothing the event loop changes."""
@@ -198,7 +200,8 @@ class OptimizingPlanner:
             time_limit_s=self.config.time_limit_s, queueing_slack=self.config.queueing_slack,
             wait_quantile=self.config.wait_quantile)
         solution = _solve(problem)
-        placement = place(solution.instances, given.nodes, catalog, given.current,
+        instances, kept_notes = _with_live_job_instances(solution.instances, given)
+        placement = place(instances, given.nodes, catalog, given.current,
                           PlacementLimits(rack_power_budget_w=dict(self.config.rack_power_budget_w),
                                           avoid=dict(given.avoid)), perf=perf,
                           hardware=hardware)
@@ -218,9 +221,46 @@ class OptimizingPlanner:
         elapsed = time.perf_counter() - started
         self.solve_seconds = (self.solve_seconds + [elapsed])[-100:]
         plan = Plan(choices=choices, components=placement.components, unsatisfiable=unsatisfiable,
-                    notes=tuple(solution.notes) + tuple(placement.notes))
+                    notes=tuple(solution.notes) + tuple(kept_notes) + tuple(placement.notes))
         return PlanOutcome(plan, dict(placement.power_limits),
                            explain(solution, placement, rates, unsatisfiable, elapsed, self.solve_seconds))
+
+
+def _with_live_job_instances(instances: Mapping[InstanceConfig, int], given: PlanningInput,
+                             ) -> tuple[dict[InstanceConfig, int], list[str]]:
+    """The solution's instances plus, for executors unfinished jobs chose and the solution dropped (a workflow
+    update), the instances of them that run now, in their present configuration."""
+    result = dict(instances)
+    chosen = {config.executor for config, n in instances.items() if n > 0}
+    nodes = {n.name: n for n in given.nodes}
+    notes: list[str] = []
+    for name in sorted(given.keep_executors - chosen):
+        executor = given.catalog.get(name)
+        if executor is None:
+            notes.append(f"executor {name}: unfinished jobs chose it, but it is no longer in the catalog")
+            continue
+        kept = 0
+        for comp in given.current:
+            node = nodes.get(comp.node)
+            if comp.executor != name or node is None or not comp.device_indexes:
+                continue
+            devices = {d.index: d for d in node.devices}
+            first = devices.get(comp.device_indexes[0])
+            if first is None:
+                continue
+            if first.kind == "gpu":
+                cap = comp.power_limit_w
+                if cap is not None and first.power_limit_default_w is not None and \
+                        abs(cap - first.power_limit_default_w) < 1e-6:
+                    cap = None
+                config = InstanceConfig(name, first.hardware, len(comp.device_indexes), cap)
+            else:
+                config = InstanceConfig(name, first.hardware, 1, None)
+            result[config] = result.get(config, 0) + 1
+            kept += 1
+        if kept:
+            notes.append(f"executor {name}: {kept} instance(s) kept for unfinished jobs that chose it")
+    return result, notes
 
 
 def _solve(problem: Problem) -> Solution:

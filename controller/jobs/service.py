@@ -360,7 +360,8 @@ class WorkloadService:
         profiler = getattr(self.c, "profiler", None)
         return self.optimizing.snapshot(workflows, self.catalog, demands, list(self.c.registry.nodes.values()),
                                         self._current_components(), now_s,
-                                        profiler.predictors if profiler is not None else None, self.avoided())
+                                        profiler.predictors if profiler is not None else None, self.avoided(),
+                                        self.live_job_executors())
 
     def _start_planning(self) -> asyncio.Future[None]:
         """Solve on a worker thread (the MILP takes up to its time limit); one solve at a time."""
