@@ -242,13 +242,13 @@ def _with_live_job_instances(instances: Mapping[InstanceConfig, int], given: Pla
         kept = 0
         for comp in given.current:
             node = nodes.get(comp.node)
-            if comp.executor != name or node is None or not comp.device_indexes:
+            if comp.executor != name or node is None:
                 continue
             devices = {d.index: d for d in node.devices}
-            first = devices.get(comp.device_indexes[0])
-            if first is None:
-                continue
-            if first.kind == "gpu":
+            first = devices.get(comp.device_indexes[0]) if comp.device_indexes else None
+            if first is None:  # a tool on a node without a cpu device: placement's cpu hardware
+                config = InstanceConfig(name, "cpu", 1, None)
+            elif first.kind == "gpu":
                 cap = comp.power_limit_w
                 if cap is not None and first.power_limit_default_w is not None and \
                         abs(cap - first.power_limit_default_w) < 1e-6:
