@@ -135,7 +135,7 @@ def test_lower_cap_lowers_power_and_clock_and_reports_power_cap() -> None:
     assert device.set_power_limit(300.0) == 300.0
     capped = run(device, 40)
     powers = [s.power_w for s in capped]
-    assert max(powers) <= 300.0 * (1 + NOISE_BOUND)
+    assert max(powers) <= 300.0 * (1 + NOISE_BOUND) + 1e-3  # truncated noise, rounded to the milliwatt
     assert mean(powers) == pytest.approx(300.0, rel=0.005)  # DVFS uses the budget it has
     last = capped[-1]
     assert last.sm_clock_mhz < uncapped.sm_clock_mhz
@@ -292,7 +292,7 @@ def test_xid_keeps_the_gpu_reporting() -> None:
     assert sample.health == "xid" and sample.last_xid == 48
     assert sample.power_w > 600 and sample.temperature_c is not None
     assert device.set_power_limit(300.0) == 300.0
-    assert device.sample(20.0).power_w <= 300.0 * (1 + NOISE_BOUND)
+    assert device.sample(20.0).power_w <= 300.0 * (1 + NOISE_BOUND) + 1e-3
 
 
 def test_falling_off_the_bus() -> None:
@@ -364,7 +364,8 @@ def test_property_power_within_cap_energy_monotonic_temperature_bounded(model: s
         device.set_power_limit(cap)
         t += dt
         sample = device.sample(t)
-        assert sample.power_w <= cap * (1 + NOISE_BOUND)
+        # Truncated noise can reach the bound exactly; reported power is rounded to the milliwatt.
+        assert sample.power_w <= cap * (1 + NOISE_BOUND) + 1e-3
         assert sample.energy_j >= last_energy
         assert 25.0 - 1.0 <= sample.temperature_c < spec.shutdown_temperature_c
         assert sample.temperature_c <= spec.max_operating_temperature_c  # normal cooling never throttles
