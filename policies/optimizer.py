@@ -114,9 +114,10 @@ def _configs(exe: ExecutorSpec, problem: Problem) -> tuple[list[InstanceConfig],
     return configs, skipped
 
 
-def _stage_items(problem: Problem, workflow: Any, stage: Any) -> tuple[float, float]:
-    """(invocations per workflow request, items per invocation) for a stage."""
-    given = problem.stage_items.get(workflow.name, {}).get(stage.name)
+def stage_counts(stage_items: Mapping[str, Mapping[str, float]], workflow: Any, stage: Any) -> tuple[float, float]:
+    """(invocations per workflow request, items per invocation) for a stage; ``stage_items`` gives mapped
+    stages' fan-out and other stages' list lengths per workflow and stage (else 1 where a list goes in)."""
+    given = stage_items.get(workflow.name, {}).get(stage.name)
     if stage.map_over is not None:
         return (1.0 if given is None else max(float(given), 0.0)), 0.0
     if given is not None:
@@ -160,7 +161,7 @@ def _stage_options(problem: Problem, workflow: Any, stage: Any, perf: _PerfCache
         candidates = sorted((e for e in problem.catalog.values() if e.task == stage.task), key=lambda e: e.name)
         if not candidates:
             return [], "no executor in the catalog implements this task"
-    invocations, items = _stage_items(problem, workflow, stage)
+    invocations, items = stage_counts(problem.stage_items, workflow, stage)
     options: list[StageOption] = []
     why: list[str] = []
     for exe in candidates:

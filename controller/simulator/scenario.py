@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from agent.devices.gpu_specs import GPU_SPECS
 from common.workflow.catalog import ExecutorSpec
@@ -286,24 +286,16 @@ class ControlSpec(_Strict):
         default_factory=dict, description="murakkab-epoch or murakkab -> its reactive autoscaler band (defaults: "
                                           "[0.3, 0.85] back to 0.6; murakkab [0.3, 0.92] back to 0.8)")
 
-    @field_validator("epoch_s")
+    @field_validator("epoch_s", "utilization_target")
     @classmethod
-    def _known_policies(cls, value: dict[str, float]) -> dict[str, float]:
-        for name, epoch in value.items():
+    def _known_policies(cls, value: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        for name, number in value.items():
             if name not in POLICY_NAMES:
                 raise ValueError(f"{name}: unknown policy (policies: {', '.join(POLICY_NAMES)})")
-            if not epoch > 0:
-                raise ValueError(f"{name}: epoch must be positive, got {epoch}")
-        return value
-
-    @field_validator("utilization_target")
-    @classmethod
-    def _known_utilization(cls, value: dict[str, float]) -> dict[str, float]:
-        for name, target in value.items():
-            if name not in POLICY_NAMES:
-                raise ValueError(f"{name}: unknown policy (policies: {', '.join(POLICY_NAMES)})")
-            if not 0 < target <= 1:
-                raise ValueError(f"{name}: utilization target must be within (0, 1], got {target}")
+            if info.field_name == "epoch_s" and not number > 0:
+                raise ValueError(f"{name}: epoch must be positive, got {number}")
+            if info.field_name == "utilization_target" and not 0 < number <= 1:
+                raise ValueError(f"{name}: utilization target must be within (0, 1], got {number}")
         return value
 
     @field_validator("cap_fractions")

@@ -29,7 +29,7 @@ from typing import Any
 
 from common.workflow.catalog import ExecutorSpec
 from policies.model import HardwareType, InstanceConfig, Perf, PerfModel, SloTargets
-from policies.optimizer import MAX_TP_SCALE, path_latency_s  # the optimizer's rules
+from policies.optimizer import MAX_TP_SCALE, path_latency_s, stage_counts  # the optimizer's rules
 from policies.perf_model import knob_settings, option_accuracy
 from policies.perf_model import model_memory_bytes, runs_on_gpu
 from policies.plan import Demand, StageChoice
@@ -75,19 +75,7 @@ class SloJudge:
     def items(self, workflow: str, stage_name: str) -> tuple[float, float]:
         """(invocations per request, items per invocation), as the optimizer counts them."""
         spec = self.workflows[workflow]
-        stage = spec.stage(stage_name)
-        given = self.stage_items.get(workflow, {}).get(stage_name)
-        if stage.map_over is not None:
-            return (1.0 if given is None else max(float(given), 0.0)), 0.0
-        if given is not None:
-            return 1.0, max(float(given), 0.0)
-        has_list = False
-        for ref in stage.inputs.values():
-            try:
-                has_list = has_list or spec.output_type(ref).startswith("list[")
-            except KeyError:
-                continue
-        return 1.0, (1.0 if has_list else 0.0)
+        return stage_counts(self.stage_items, spec, spec.stage(stage_name))
 
     def perf_of(self, exe: ExecutorSpec, config: InstanceConfig, knobs: Mapping[str, Any], items: float) -> Perf | None:
         key = (exe.name, config, tuple(sorted((k, repr(v)) for k, v in knobs.items())), items)
