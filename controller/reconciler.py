@@ -243,6 +243,13 @@ class Reconciler:
         keys |= {(node, cid) for node, reports in self.reports.items() for cid in reports}
         return [self._status(node, cid) for node, cid in sorted(keys, key=lambda k: (k[1], k[0]))]
 
+    def failing(self) -> list[ComponentStatus]:
+        """Components reported failed at least once since they were last ready, desired or reported; a cheap
+        scan (no status for the others), for callers that look every tick."""
+        return [self._status(node, cid) for node, tracks in self._tracks.items() for cid, track in tracks.items()
+                if track.failures_since_ready > 0
+                and (cid in self._desired_on.get(node, {}) or cid in self.reports.get(node, {}))]
+
     def pending_commands(self) -> int:
         return len(self._pending)
 

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -193,7 +193,11 @@ class WorkloadService:
                 del self._avoid[key]
                 changed = True
                 log.info("executor %s may run on node %s again", *key)
-        for status in self.reconciler.statuses():
+        failing = self.reconciler.failing()
+        seen = {(status.node, status.component_id) for status in failing}
+        for component in [c for c in self._failures_forgiven if c not in seen]:
+            del self._failures_forgiven[component]  # ready since: its count started again at 0
+        for status in failing:
             key = (status.executor, status.node)
             forgiven = self._failures_forgiven.get((status.node, status.component_id), 0)
             if status.failures_since_ready < forgiven:
@@ -235,10 +239,7 @@ class WorkloadService:
             if sent_s is not None and now_s - sent_s < self.config.power_limit_retry_s:
                 continue
             self._power_limit_sent_s[(node_name, index)] = now_s
-            key = f"power-{node_name}-{index}-{now_s}"
-            task = asyncio.ensure_future(self.c.set_power_limit(node, index, limit_w))
-            self._commands[key] = task
-            task.add_done_callback(lambda _t, k=key: self._commands.pop(k, None))
+            self._in_background(f"power-{node_name}-{index}-{now_s}", self.c.set_power_limit(node, index, limit_w))
 
     def on_heartbeat(self, node_name: str, reports: tuple[ComponentReport, ...], now_s: float) -> None:
         node = self.c.registry.nodes.get(node_name)
@@ -488,10 +489,7 @@ class WorkloadService:
         if node is None or node.liveness is not Liveness.READY or self.c.agents is None:
             return
         message = CancelInvocation(uuid.uuid4().hex, self.c.epoch, node.generation, invocation_id, reason[:500])
-        key = f"cancel-{invocation_id}"
-        task = asyncio.ensure_future(self._send_cancel(node_name, message))
-        self._commands[key] = task
-        task.add_done_callback(lambda _t, k=key: self._commands.pop(k, None))
+        self._in_background(f"cancel-{invocation_id}", self._send_cancel(node_name, message))
 
     async def _send_cancel(self, node_name: str, message: CancelInvocation) -> None:
         assert self.c.agents is not None
@@ -562,9 +560,13 @@ class WorkloadService:
         else:
             message = StopComponent(action.command_id, self.c.epoch, node.generation, action.component_id,
                                     float(action.drain_timeout_s))
-        task = asyncio.ensure_future(self._command(action.command_id, node, message))
-        self._commands[action.command_id] = task
-        task.add_done_callback(lambda _t, i=action.command_id: self._commands.pop(i, None))
+        self._in_background(action.command_id, self._command(action.command_id, node, message))
+
+    def _in_background(self, key: str, command: Coroutine[Any, Any, Any]) -> None:
+        """Send a command to an agent without waiting; held in ``_commands`` (by key) until it ends."""
+        task = asyncio.ensure_future(command)
+        self._commands[key] = task
+        task.add_done_callback(lambda _t, k=key: self._commands.pop(k, None))
 
     async def _command(self, command_id: str, node: NodeRecord, message: Any) -> None:
         assert self.c.agents is not None

@@ -294,3 +294,12 @@ def test_a_heartbeat_only_re_examines_its_own_node() -> None:
     rec.handle(CommandDone(start_a.command_id, False, "refused", 1.0))
     assert beat(rec, 5.0, "b", report(b, "ready")) == []
     assert starts(beat(rec, 5.0, "a")) == [("a", "x-a-0")]
+
+
+def test_failing_lists_only_components_that_failed_since_they_were_ready() -> None:
+    rec = running()
+    assert rec.failing() == []
+    beat(rec, 10.0, "n1", report(CHAT, "failed", reason="oom"))
+    assert [(s.component_id, s.failures_since_ready, s.last_error) for s in rec.failing()] == [("chat-n1-0", 1, "oom")]
+    beat(rec, 20.0, "n1", report(CHAT, "ready"))
+    assert rec.failing() == []
