@@ -762,6 +762,18 @@ def _order(need: _Need) -> tuple:
             *_config_key(need.config))
 
 
+def component_config(comp: PlacedComponent, hardware: str, on_gpu: bool,
+                     default_limit_w: float | None) -> InstanceConfig:
+    """The instance configuration a placed component runs: executor, hardware, tp and cap. Placement writes
+    the device's default limit for uncapped configs; that is ``power_cap_w=None`` here."""
+    if not on_gpu:
+        return InstanceConfig(comp.executor, hardware, 1, None)
+    cap = comp.power_limit_w
+    if cap is not None and default_limit_w is not None and abs(cap - default_limit_w) < 1e-6:
+        cap = None
+    return InstanceConfig(comp.executor, hardware, max(1, len(comp.device_indexes)), cap)
+
+
 def place(solution_instances: Mapping[InstanceConfig, int], nodes: Sequence[NodeState],
           catalog: Mapping[str, ExecutorSpec], current: Sequence[PlacedComponent] = (),
           limits: PlacementLimits | None = None, *, perf: PerfModel | None = None,

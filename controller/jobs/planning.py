@@ -25,7 +25,7 @@ from policies.forecast import EwmaForecast
 from policies.model import Budgets, DemandRate, HardwareType, InstanceConfig, PerfModel, Problem, Solution
 from policies.perf_model import CatalogPerfModel, power_cap_levels, standard_hardware
 from policies.placement import (
-    NodeState, PlacementLimits, device_state, hardware_key, place, temperature_trend_c_per_s,
+    NodeState, PlacementLimits, component_config, device_state, hardware_key, place, temperature_trend_c_per_s,
 )
 from policies.predictors import LearnedPerfModel, Predictors
 from policies.plan import Demand, PlacedComponent, Plan
@@ -247,15 +247,9 @@ def _with_live_job_instances(instances: Mapping[InstanceConfig, int], given: Pla
             devices = {d.index: d for d in node.devices}
             first = devices.get(comp.device_indexes[0]) if comp.device_indexes else None
             if first is None:  # a tool on a node without a cpu device: placement's cpu hardware
-                config = InstanceConfig(name, "cpu", 1, None)
-            elif first.kind == "gpu":
-                cap = comp.power_limit_w
-                if cap is not None and first.power_limit_default_w is not None and \
-                        abs(cap - first.power_limit_default_w) < 1e-6:
-                    cap = None
-                config = InstanceConfig(name, first.hardware, len(comp.device_indexes), cap)
+                config = component_config(comp, "cpu", False, None)
             else:
-                config = InstanceConfig(name, first.hardware, 1, None)
+                config = component_config(comp, first.hardware, first.kind == "gpu", first.power_limit_default_w)
             result[config] = result.get(config, 0) + 1
             kept += 1
         if kept:

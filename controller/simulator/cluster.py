@@ -27,6 +27,7 @@ from common.protocol.messages import ComponentReport
 from common.workflow.catalog import ExecutorSpec
 from controller.simulator.scenario import ScenarioSpecModel
 from policies.model import InstanceConfig
+from policies.placement import component_config
 from policies.plan import PlacedComponent
 
 GB = 1e9
@@ -107,17 +108,11 @@ def startup_s(spec: ScenarioSpecModel, executor: ExecutorSpec) -> float:
 
 
 def config_of(component: PlacedComponent, node: SimNode, executor: ExecutorSpec) -> InstanceConfig:
-    """The instance configuration a placed component runs: its executor, the node's hardware, tp and cap.
-
-    Placement writes the device's default limit for uncapped configs; that is ``power_cap_w=None`` here.
-    """
+    """The instance configuration a placed component runs (``policies.placement.component_config``)."""
     if executor.resources.device == "gpu":
-        cap = component.power_limit_w
         spec = GPU_SPECS.get(node.hardware)
-        if cap is not None and spec is not None and abs(cap - spec.power_limit_default_w) < 1e-6:
-            cap = None
-        return InstanceConfig(component.executor, node.hardware, max(1, len(component.device_indexes)), cap)
-    return InstanceConfig(component.executor, "cpu", 1, None)
+        return component_config(component, node.hardware, True, spec.power_limit_default_w if spec else None)
+    return component_config(component, "cpu", False, None)
 
 
 @dataclass
