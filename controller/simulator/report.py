@@ -210,32 +210,23 @@ def write_plots(recorder: Recorder, out_dir: str | Path, title: str, window_s: f
         plt.close(fig)
         paths.append(path)
 
-    fig, ax = plt.subplots(figsize=(9, 3.6))
-    for workflow, series in sorted(recorder.load_by_workflow.items()):
-        ax.plot(hours, series, label=workflow, linewidth=1)
-    ax.set_xlabel("time (h)")
-    ax.set_ylabel("arrivals (requests/s)")
-    ax.set_title(f"{title}: offered load")
-    ax.legend(loc="upper left", fontsize=8)
-    save(fig, "load.png")
+    def lines(name: str, what: str, ylabel: str, series: list[tuple[Any, str]]) -> None:
+        fig, ax = plt.subplots(figsize=(9, 3.6))
+        for values, label in series:
+            ax.plot(hours, values, label=label, linewidth=1)
+        ax.set_xlabel("time (h)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title}: {what}")
+        ax.legend(loc="upper left", fontsize=8)
+        save(fig, name)
 
-    fig, ax = plt.subplots(figsize=(9, 3.6))
-    ax.plot(hours, recorder.gpus_allocated, label="allocated", linewidth=1)
-    ax.plot(hours, recorder.gpus_ready, label="serving (ready)", linewidth=1)
-    ax.set_xlabel("time (h)")
-    ax.set_ylabel("GPUs")
-    ax.set_title(f"{title}: GPUs in use")
-    ax.legend(loc="upper left", fontsize=8)
-    save(fig, "gpus.png")
-
-    fig, ax = plt.subplots(figsize=(9, 3.6))
-    ax.plot(hours, np.asarray(recorder.power_w) / 1000.0, label="allocated devices", linewidth=1)
-    ax.plot(hours, np.asarray(recorder.fleet_power_w) / 1000.0, label="fleet", linewidth=1)
-    ax.set_xlabel("time (h)")
-    ax.set_ylabel("power (kW)")
-    ax.set_title(f"{title}: power")
-    ax.legend(loc="upper left", fontsize=8)
-    save(fig, "power.png")
+    lines("load.png", "offered load", "arrivals (requests/s)",
+          [(series, workflow) for workflow, series in sorted(recorder.load_by_workflow.items())])
+    lines("gpus.png", "GPUs in use", "GPUs",
+          [(recorder.gpus_allocated, "allocated"), (recorder.gpus_ready, "serving (ready)")])
+    lines("power.png", "power", "power (kW)",
+          [(np.asarray(recorder.power_w) / 1000.0, "allocated devices"),
+           (np.asarray(recorder.fleet_power_w) / 1000.0, "fleet")])
 
     window = max(1, int(round(window_s / step_s)))
     arrivals = np.convolve(np.asarray(recorder.arrivals, dtype=float), np.ones(window), mode="same")
