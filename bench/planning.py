@@ -53,6 +53,8 @@ def control_changes(args: argparse.Namespace) -> dict[str, Any]:
         changes["utilization_target"] = {"murakkab": args.utilization_target}
     if args.cap_fractions is not None:
         changes["cap_fractions"] = list(args.cap_fractions)
+    if args.price_weight_w is not None:
+        changes["price_weight_w"] = args.price_weight_w
     if args.scale_band is not None:
         low, high, target = args.scale_band
         changes["scale_band"] = {"murakkab": {"low": low, "high": high, "target": target}}
@@ -203,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="override murakkab's MILP utilization target (control.utilization_target)")
     parser.add_argument("--cap-fractions", type=_numbers, default=None, metavar="F,F,...",
                         help="override murakkab's power-cap levels, fractions of TDP (control.cap_fractions)")
+    parser.add_argument("--price-weight-w", type=float, default=None, metavar="W",
+                        help="override the W per USD/h of instance price in murakkab's energy objective "
+                             "(control.price_weight_w; 0: energy alone)")
     parser.add_argument("--scale-band", type=_band, default=None, metavar="LOW,HIGH,TARGET",
                         help="override murakkab's reactive autoscaler band (control.scale_band)")
     parser.add_argument("--jobs", type=int, default=1, help="policies simulated in parallel (processes)")

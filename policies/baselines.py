@@ -17,7 +17,8 @@
   utilization target only has to absorb rate noise within a 5-minute epoch: 0.85 rather than 0.8.
   The scaler steps in only near shedding (above 0.92 busy) and brings a pool back to 0.8, not to the
   paper's 0.6: a step to 0.6 overshoots by a third, and the next plan corrects the size within 5
-  minutes anyway (bench/README.md, "Planning", has the measured alternatives).
+  minutes anyway (bench/README.md, "Planning", has the measured alternatives). Its energy objective
+  can also weigh instance prices (``PlanningInputs.price_weight_w``, 0 by default).
 
 Both forecasting policies also re-plan at once when a demand with traffic appears that the current
 plan does not serve (the paper's system reacts to a new workflow too); its forecast starts at its
@@ -108,6 +109,7 @@ class PlanningInputs:
     queueing_slack: float = 0.0  # share of each latency target kept from service times for waiting
     wait_quantile: float | None = None  # size pools for waits at this quantile (Problem.wait_quantile)
     switch_penalty: float = 0.0  # plan stability (Problem.switch_penalty)
+    price_weight_w: float = 0.0  # W per USD/h of instance price in the energy objective (Problem.price_weight_w)
 
     def problem(self, rates: Mapping[Demand, float], state: ClusterState, objective: Objective = "energy",
                 caps: dict[str, tuple[float | None, ...]] | None = None, running: Solution | None = None) -> Problem:
@@ -120,7 +122,7 @@ class PlanningInputs:
                        time_limit_s=self.time_limit_s, mip_rel_gap=self.mip_rel_gap,
                        queueing_slack=self.queueing_slack, wait_quantile=self.wait_quantile,
                        incumbent=incumbent_of(running) if running is not None and self.switch_penalty > 0 else {},
-                       switch_penalty=self.switch_penalty)
+                       switch_penalty=self.switch_penalty, price_weight_w=self.price_weight_w)
 
 
 def incumbent_of(solution: Solution) -> dict[tuple[Demand, str], tuple[InstanceConfig, str]]:

@@ -133,6 +133,10 @@ class Problem:
     # plan lacks, ``switch_penalty`` (a fraction) dearer, so a re-plan moves work only for a real gain.
     incumbent: dict[tuple[Demand, str], tuple[InstanceConfig, str]] = field(default_factory=dict)
     switch_penalty: float = 0.0
+    # The energy objective adds every instance's price at this many W per USD/h, so a power cap that saves
+    # energy only by running more, slower devices must save more than the devices it adds cost (0: energy
+    # alone). See docs/planning.md.
+    price_weight_w: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -534,6 +534,13 @@ class _Model:
             c[self.n0 + p] = o.idle_power_w
         return c
 
+    def energy_objective(self) -> np.ndarray:
+        """Energy (average power) plus every instance's price at ``price_weight_w`` W per USD/h."""
+        c = self.energy()
+        for p, o in enumerate(self.pool_option):
+            c[self.n0 + p] += self.problem.price_weight_w * o.price_per_hour_usd
+        return c
+
     def cost(self) -> np.ndarray:
         c = np.zeros(self.nvar)
         for p, o in enumerate(self.pool_option):
@@ -557,7 +564,7 @@ class _Model:
         (the cost optimum is highly degenerate) and gained 0.1 % energy on the day-mix problem."""
         energy = self.energy()
         if self.problem.objective == "energy":
-            return self._with_switch_penalty(energy)
+            return self._with_switch_penalty(self.energy_objective())
         upper = float(energy[self.n0:self.n0 + self.np] @ self.high[self.n0:self.n0 + self.np])
         most: dict[tuple[int, str], float] = {}
         for i, (d, s, _) in enumerate(self.x):
@@ -603,7 +610,8 @@ class _Model:
                 return rate * o.load * o.price_per_hour_usd / u, rate * o.energy_j, o.latency_s
             if objective == "accuracy":
                 return -(o.accuracy or 0.0), rate * o.energy_j, o.latency_s
-            return rate * o.energy_j, o.latency_s, 0.0
+            priced_w = rate * o.load / u * o.price_per_hour_usd * self.problem.price_weight_w
+            return rate * o.energy_j + priced_w, o.latency_s, 0.0
 
         v = np.zeros(self.nvar)
         ledger = _Ledger(np.zeros(self.np), np.zeros(self.np, dtype=int), {}, 0.0, 0.0)
@@ -674,6 +682,9 @@ def optimize(problem: Problem) -> Solution:
     if not 0.0 < problem.utilization_target <= 1.0:
         return _empty(problem, {}, started, status=f"error: utilization_target must be within (0, 1], got "
                                                    f"{problem.utilization_target}")
+    if not (problem.price_weight_w >= 0.0 and math.isfinite(problem.price_weight_w)):
+        return _empty(problem, {}, started, status=f"error: price_weight_w must be a finite number >= 0, got "
+                                                   f"{problem.price_weight_w}")
     rates: dict[Demand, float] = {}
     for demand_rate in problem.demands:
         if not demand_rate.rate_rps >= 0.0 or not math.isfinite(demand_rate.rate_rps):

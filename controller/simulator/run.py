@@ -52,7 +52,8 @@ def build_policy(name: str, scenario: Scenario, perf: PerfModel) -> Any:
                            scale_band=PAPER_SCALE_BAND if band is None else ScaleBand(band.low, band.high, band.target))
     if name == "murakkab":
         return MurakkabPolicy(dataclasses.replace(inputs, wait_quantile=control.wait_quantile,
-                                                  switch_penalty=control.switch_penalty),
+                                                  switch_penalty=control.switch_penalty,
+                                                  price_weight_w=control.price_weight_w),
                               epoch_s=control.epoch_s.get(name, 300.0), tick_s=tick_s,
                               utilization_target=control.utilization_target.get(name, MURAKKAB_UTILIZATION_TARGET),
                               cap_fractions=tuple(control.cap_fractions) if control.cap_fractions else CAP_FRACTIONS,

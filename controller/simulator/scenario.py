@@ -276,6 +276,9 @@ class ControlSpec(_Strict):
     switch_penalty: float = Field(
         0.0, ge=0, le=1, description="murakkab only: a re-plan moves a stage or opens a pool only when that saves "
                                       "more than this share of its energy")
+    price_weight_w: float = Field(
+        0.0, ge=0, le=100_000, description="murakkab only: its energy objective adds every instance's price at "
+                                           "this many W per USD/h (Problem.price_weight_w); 0: energy alone")
     utilization_target: dict[str, float] = Field(
         default_factory=dict, description="policy name -> the utilization its pools are sized for (defaults: 0.8; "
                                           "murakkab 0.85, see policies/baselines.py)")

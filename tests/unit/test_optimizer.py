@@ -587,6 +587,26 @@ def test_energy_objective_picks_power_caps_when_they_pay() -> None:
     assert fast.configs[tight]["a"].power_cap_w is None
 
 
+def test_price_weight_makes_caps_that_add_devices_pay_for_them() -> None:
+    problem = _single(rate=30.0, devices=32, power_cap_levels={"h100": (None, 560.0, 455.0, 350.0)})
+    demand = Demand.of("wf", {})
+    energy_only = optimize(problem)
+    assert energy_only.configs[demand]["a"].power_cap_w == 455.0
+    devices = sum(energy_only.instances.values())
+    # At 1,000 W per USD/h an instance is worth more than what the deeper cap saves: fewer devices at a
+    # shallower cap, and more energy (the objective value stays the energy alone).
+    priced = optimize(replace(problem, price_weight_w=1000.0))
+    assert priced.status == "optimal"
+    assert sum(priced.instances.values()) < devices
+    assert priced.configs[demand]["a"].power_cap_w == 560.0
+    assert priced.average_power_w > energy_only.average_power_w
+    assert priced.objective_value == pytest.approx(priced.average_power_w)
+    # A weight too small to change the count keeps the energy optimum.
+    assert optimize(replace(problem, price_weight_w=1e-6)).instances == energy_only.instances
+    for bad in (-1.0, float("nan"), float("inf")):
+        assert optimize(replace(problem, price_weight_w=bad)).status.startswith("error: price_weight_w")
+
+
 def test_cost_objective_breaks_ties_by_energy_without_paying_for_it() -> None:
     problem = _single(rate=2.0, objective="cost", power_cap_levels={"h100": (None, 350.0)})
     capped = optimize(problem)

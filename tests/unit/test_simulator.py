@@ -93,6 +93,7 @@ def test_a_day_on_a_thousand_nodes_runs_in_seconds() -> None:
     (lambda d: d["spec"]["control"].update(epoch_s={"fancy": 10}), "unknown policy"),
     (lambda d: d["spec"]["control"].update(utilization_target={"murakkab": 1.5}), "within (0, 1]"),
     (lambda d: d["spec"]["control"].update(cap_fractions=[1.0, 0.0]), "cap fractions must be within (0, 1]"),
+    (lambda d: d["spec"]["control"].update(price_weight_w=-1), "price_weight_w"),
     (lambda d: d["spec"]["control"].update(scale_band={"static": {"low": 0.3, "high": 0.9, "target": 0.6}}),
      "not a policy that scales reactively"),
     (lambda d: d["spec"]["control"].update(scale_band={"murakkab": {"low": 0.3, "high": 0.5, "target": 0.6}}),
@@ -394,13 +395,16 @@ def test_utilization_target_and_scale_band_per_policy() -> None:
     assert ours.inputs.utilization_target == pytest.approx(0.85) and ours.scale_band.target == pytest.approx(0.8)
     assert paper.inputs.utilization_target == pytest.approx(0.8) and paper.scale_band.target == pytest.approx(0.6)
     assert ours.cap_fractions == (1.0, 0.8, 0.65, 0.5)
+    assert ours.inputs.price_weight_w == 0.0 and paper.inputs.price_weight_w == 0.0
     doc["spec"]["control"].update(utilization_target={"murakkab": 0.7, "static": 0.5}, cap_fractions=[1.0, 0.8],
+                                  price_weight_w=8.0,
                                   scale_band={"murakkab-epoch": {"low": 0.2, "high": 0.9, "target": 0.7}})
     scenario = parse(doc)
     ours, paper = build_policy("murakkab", scenario, perf), build_policy("murakkab-epoch", scenario, perf)
     static = build_policy("static", scenario, perf)
     assert ours.inputs.utilization_target == pytest.approx(0.7) and static.inputs.utilization_target == 0.5
     assert ours.cap_fractions == (1.0, 0.8)
+    assert ours.inputs.price_weight_w == 8.0 and paper.inputs.price_weight_w == 0.0
     assert (paper.scale_band.low, paper.scale_band.high, paper.scale_band.target) == (0.2, 0.9, 0.7)
 
 
