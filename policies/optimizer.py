@@ -7,7 +7,8 @@ stage s it picks exactly one option o = (executor, knob setting, instance config
 (one per config, shared by every demand and stage using it when ``share_instances``) get integer
 counts that carry the planned load at ``utilization_target``; every path of the workflow DAG meets
 the demand's latency target; device, power and cost budgets hold; and the objective is energy
-(average power), cost (USD per hour) or accuracy, the latter two with energy as a tie-break.
+(average power, optionally with instance prices weighed in: ``price_weight_w``), cost (USD per hour)
+or accuracy, the latter two with energy as a tie-break.
 
 Options are generated and pruned before the MILP is built (see ``_stage_options`` and
 ``_demand_options``): tier filters, options that cannot meet the latency target or a budget on their
