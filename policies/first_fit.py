@@ -285,10 +285,9 @@ def _component_id(executor: str, node: str, taken: set[str], numbers: set[int]) 
     return f"{executor}-{node}-{n}", n
 
 
-def _place(chosen: list[ExecutorSpec], all_nodes: Sequence[NodeSnapshot], current: Sequence[PlacedComponent],
+def _place(chosen: list[ExecutorSpec], nodes: Sequence[NodeSnapshot], current: Sequence[PlacedComponent],
            avoid: Mapping[tuple[str, str], str]) -> tuple[list[PlacedComponent], dict[str, str], list[str]]:
     """Components for the chosen executors; executors with no instance placed -> reason; notes."""
-    nodes = list(all_nodes)
     ledger = _Ledger()
     by_node = {n.name: n for n in nodes}
     taken = {c.component_id for c in current}

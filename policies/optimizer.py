@@ -537,10 +537,7 @@ class _Model:
 
     def energy_objective(self) -> np.ndarray:
         """Energy (average power) plus every instance's price at ``price_weight_w`` W per USD/h."""
-        c = self.energy()
-        for p, o in enumerate(self.pool_option):
-            c[self.n0 + p] += self.problem.price_weight_w * o.price_per_hour_usd
-        return c
+        return self.energy() + self.problem.price_weight_w * self.cost()
 
     def cost(self) -> np.ndarray:
         c = np.zeros(self.nvar)

@@ -678,9 +678,6 @@ class _Placer:
         avoided = self.limits.avoid.get((comp.executor, comp.node))
         if avoided is not None:
             return f"{comp.executor} is avoided on {comp.node}: {avoided}"
-        return self._sticky_fit(comp, need)
-
-    def _sticky_fit(self, comp: PlacedComponent, need: _Need) -> _Fit | str:
         node = self.nodes[comp.node]
         if node.name in self.ineligible:
             return f"node {node.name} is {self.ineligible[node.name]}"

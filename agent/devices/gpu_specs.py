@@ -109,9 +109,8 @@ class GpuSpec:
         at the max clock; compute-bound work stretches under a cap, so the share falls)."""
         if memory_bound_share <= 0.0 or memory_bound_share >= 1.0:
             return memory_bound_share
-        clock = max(sm_clock_mhz, 1e-9)
-        memory = memory_bound_share * max(1.0, self.knee_clock_mhz / clock)
-        return memory / ((1.0 - memory_bound_share) * self.max_sm_clock_mhz / clock + memory)
+        memory = memory_bound_share * max(1.0, self.knee_clock_mhz / max(sm_clock_mhz, 1e-9))
+        return memory / self.slowdown(sm_clock_mhz, memory_bound_share)
 
     def dynamic_power_w(self, utilization: float, sm_clock_mhz: float, memory_bound_share: float = 0.0) -> float:
         """Power above the context idle at this activity, clock and bandwidth-bound share (module doc): the
