@@ -368,7 +368,8 @@ def workload_share(name: str, points: list[CapPoint], result: dict[str, Any]) ->
     if name in WORKLOAD_SHARES:
         return WORKLOAD_SHARES[name]
     mix = result.get("mixed_workload")
-    uncapped = {p.workload: p for p in points if p.power_limit_w == max(q.power_limit_w for q in points)}
+    highest_w = max(p.power_limit_w for p in points)
+    uncapped = {p.workload: p for p in points if p.power_limit_w == highest_w}
     if mix is None or "compute" not in uncapped or "memory" not in uncapped:
         return None
     return mixed_share(mix["gemm_tflop_per_call"] / uncapped["compute"].throughput,
