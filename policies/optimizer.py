@@ -354,6 +354,10 @@ def _demand_options(problem: Problem, demand: Demand, rate: float,
     for s in names:
         limit = service_target_s * (1 + 1e-9) + _EPS
         options[s] = _prune_dominated([o for o in options[s] if head[s] + o.latency_s + tail[s] <= limit])
+        if not options[s]:  # the tier's target less the queueing slack is below the fastest path
+            return (f"stage {s!r}: no option meets the latency target: the fastest path takes "
+                    f"{head[s] + best[s] + tail[s]:.3g} s, the target {target_s:.3g} s less the queueing slack "
+                    f"({problem.queueing_slack:.0%}) leaves {service_target_s:.3g} s")
     accuracy_stages = sum(1 for s in names if any(o.accuracy is not None for o in options[s]))
     return _DemandPlan(demand, rate, names, upstream, options, target_s, accuracy_stages, service_target_s)
 

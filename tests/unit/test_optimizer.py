@@ -804,3 +804,13 @@ def test_switch_penalty_moves_fewer_stages_when_the_load_changes() -> None:
         assert moved(sticky) < moved(free), scale
         assert len(set(sticky.instances) - set(first.instances)) <= len(set(free.instances) - set(first.instances))
         assert sticky.average_power_w <= free.average_power_w * 1.05  # it gives up at most the penalty
+
+
+def test_a_queueing_slack_beyond_the_tiers_factor_leaves_the_demand_unserved_with_reason() -> None:
+    """Latency best allows 1.25x the fastest path; keeping 30 % of it for waits leaves less than the fastest."""
+    problem = day_mix(queueing_slack=0.3)
+    solution = optimize(problem)
+    assert solution.status == "infeasible"
+    fastest = [d for d in solution.unserved if dict(d.slo).get("latency") == "best"]
+    assert fastest and all("no option meets the latency target" in solution.unserved[d] for d in fastest)
+    assert all(dict(d.slo).get("latency") != "best" for d in solution.choices)
