@@ -55,6 +55,8 @@ def control_changes(args: argparse.Namespace) -> dict[str, Any]:
         changes["cap_fractions"] = list(args.cap_fractions)
     if args.price_weight_w is not None:
         changes["price_weight_w"] = args.price_weight_w
+    if args.colocate_max_busy is not None:
+        changes["colocate_max_busy"] = args.colocate_max_busy if args.colocate_max_busy > 0 else None
     if args.scale_band is not None:
         low, high, target = args.scale_band
         changes["scale_band"] = {"murakkab": {"low": low, "high": high, "target": target}}
@@ -208,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--price-weight-w", type=float, default=None, metavar="W",
                         help="override the W per USD/h of instance price in murakkab's energy objective "
                              "(control.price_weight_w; 0: energy alone)")
+    parser.add_argument("--colocate-max-busy", type=float, default=None, metavar="RHO",
+                        help="override control.colocate_max_busy (murakkab's co-location of one-instance GPU "
+                             "pools; 0 turns it off)")
     parser.add_argument("--scale-band", type=_band, default=None, metavar="LOW,HIGH,TARGET",
                         help="override murakkab's reactive autoscaler band (control.scale_band)")
     parser.add_argument("--jobs", type=int, default=1, help="policies simulated in parallel (processes)")

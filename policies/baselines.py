@@ -110,6 +110,7 @@ class PlanningInputs:
     wait_quantile: float | None = None  # size pools for waits at this quantile (Problem.wait_quantile)
     switch_penalty: float = 0.0  # plan stability (Problem.switch_penalty)
     price_weight_w: float = 0.0  # W per USD/h of instance price in the energy objective (Problem.price_weight_w)
+    colocate_max_busy: float | None = None  # one-instance pools may share GPUs up to this busy sum (Problem)
 
     def problem(self, rates: Mapping[Demand, float], state: ClusterState, objective: Objective = "energy",
                 caps: dict[str, tuple[float | None, ...]] | None = None, running: Solution | None = None) -> Problem:
@@ -122,7 +123,9 @@ class PlanningInputs:
                        time_limit_s=self.time_limit_s, mip_rel_gap=self.mip_rel_gap,
                        queueing_slack=self.queueing_slack, wait_quantile=self.wait_quantile,
                        incumbent=incumbent_of(running) if running is not None and self.switch_penalty > 0 else {},
-                       switch_penalty=self.switch_penalty, price_weight_w=self.price_weight_w)
+                       switch_penalty=self.switch_penalty, price_weight_w=self.price_weight_w,
+                       colocate_max_busy=self.colocate_max_busy,
+                       incumbent_colocate=running.colocate or () if running is not None else ())
 
 
 def incumbent_of(solution: Solution) -> dict[tuple[Demand, str], tuple[InstanceConfig, str]]:

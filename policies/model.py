@@ -137,6 +137,12 @@ class Problem:
     # energy only by running more, slower devices must save more than the devices it adds cost (0: energy
     # alone). See docs/planning.md.
     price_weight_w: float = 0.0
+    # Co-location (needs ``wait_quantile``): one-instance GPU pools of the same hardware, tp and cap may
+    # share devices while their busy fractions add up to at most this and every demand still meets its
+    # wait quantile with the slowdown sharing causes (policies.colocation). None: every instance gets
+    # its own devices.
+    colocate_max_busy: float | None = None
+    incumbent_colocate: tuple[tuple[InstanceConfig, ...], ...] = ()  # the running plan's groups, kept first
 
 
 @dataclass(frozen=True)
@@ -167,3 +173,6 @@ class Solution:
     instance_cost_per_hour_usd: dict[InstanceConfig, float] = field(default_factory=dict)  # per instance
     instance_devices: dict[InstanceConfig, float] = field(default_factory=dict)  # devices per instance (CPU: share)
     notes: tuple[str, ...] = ()  # how the plan was reached when not by a finished MILP (e.g. a greedy fallback)
+    # Pools (one instance each) to put on the same devices; None: co-location not planned (placement keeps
+    # its own rules), () : planned, and every instance gets devices of its own.
+    colocate: tuple[tuple[InstanceConfig, ...], ...] | None = None

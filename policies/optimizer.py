@@ -37,11 +37,13 @@ from policies.perf_model import (
     MAX_TP, devices_per_instance, knob_settings, model_memory_bytes, option_accuracy, runs_on_gpu,
 )
 from policies.plan import SLO_DIMENSIONS, SLO_TIERS, Demand, StageChoice
+from policies.colocation import slowdowns
 from policies.queueing import probability_waits_within, wait_tail
 
 _EPS = 1e-9
 LATENCY_BINDING_FRACTION = 0.95  # a demand's latency is reported binding at >= 95 % of its target
 MAX_TP_SCALE = 2  # besides the smallest tensor-parallel size that fits, try up to this many times it
+COLOCATION_HYSTERESIS = 0.25  # a running co-location group stays together up to this much above the busy limit
 MAX_QUEUEING_STEPS = 5000  # instances the queueing pass may add in one solve (each step adds one)
 
 
@@ -684,6 +686,9 @@ def optimize(problem: Problem) -> Solution:
     if not 0.0 < problem.utilization_target <= 1.0:
         return _empty(problem, {}, started, status=f"error: utilization_target must be within (0, 1], got "
                                                    f"{problem.utilization_target}")
+    if problem.colocate_max_busy is not None and not 0.0 <= problem.colocate_max_busy <= 1.0:
+        return _empty(problem, {}, started, status=f"error: colocate_max_busy must be within [0, 1], got "
+                                                   f"{problem.colocate_max_busy}")
     if not (problem.price_weight_w >= 0.0 and math.isfinite(problem.price_weight_w)):
         return _empty(problem, {}, started, status=f"error: price_weight_w must be a finite number >= 0, got "
                                                    f"{problem.price_weight_w}")
@@ -722,10 +727,14 @@ def optimize(problem: Problem) -> Solution:
     if x is None:  # the solver ran out of time without a plan: a greedy one beats none
         notes = (f"greedy plan: the MILP found no solution in {problem.time_limit_s:g} s ({status})",)
         x, status = model.greedy(), "feasible"
+    colocate: tuple[tuple[InstanceConfig, ...], ...] | None = None
     if problem.wait_quantile is not None:
         x, queueing_notes = size_for_queueing(model, x, problem.wait_quantile)
         notes += queueing_notes
-    return _extract(problem, model, x, status, unserved, started, notes)
+        if problem.colocate_max_busy is not None and problem.share_instances:
+            colocate, colocation_notes = colocate_pools(model, x, problem.wait_quantile, problem.colocate_max_busy)
+            notes += colocation_notes
+    return _extract(problem, model, x, status, unserved, started, notes, colocate)
 
 
 def size_for_queueing(model: _Model, x: np.ndarray, quantile: float) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -823,6 +832,107 @@ def size_for_queueing(model: _Model, x: np.ndarray, quantile: float) -> tuple[np
     return x, tuple(notes)
 
 
+def colocate_pools(model: _Model, x: np.ndarray, quantile: float,
+                   max_busy: float) -> tuple[tuple[tuple[InstanceConfig, ...], ...], tuple[str, ...]]:
+    """Groups of one-instance GPU pools to run on the same devices (``policies.colocation``).
+
+    Candidates: pools of one instance on GPUs. Pools of the same hardware, tp and power cap join a group,
+    busiest first (the running plan's groups, ``Problem.incumbent_colocate``, first and with
+    ``COLOCATION_HYSTERESIS`` more room), while the group's busy fractions add up to at most ``max_busy``, its models fit one
+    device's memory together, and every demand whose critical path uses a member still meets its
+    latency target at ``quantile`` (waits included, as in ``size_for_queueing``) with the members
+    slowed by sharing, or, for a demand below the quantile already, loses nothing. Returns the groups
+    of two or more, and a note per group.
+    """
+    problem = model.problem
+    counts = np.round(x[model.n0:model.n0 + model.np]).astype(int)
+    chosen: dict[int, dict[str, tuple[int, StageOption]]] = {}
+    for i, (d, s, o) in enumerate(model.x):
+        if x[i] > 0.5:
+            chosen.setdefault(d, {})[s] = (model.pool_of[i], o)
+    erlangs = np.zeros(model.np)
+    invocation_rate = np.zeros(model.np)
+    paths: dict[int, list[tuple[int, float]]] = {}  # demand -> (pool, stage latency) on its critical path
+    uses: dict[int, set[int]] = {}  # pool -> demands whose critical path uses it
+    for d, plan in enumerate(model.plans):
+        picks = chosen.get(d, {})
+        if len(picks) != len(plan.stages) or plan.rate_rps <= 0:
+            continue
+        for p, o in picks.values():
+            invocation_rate[p] += plan.rate_rps * o.invocations
+            erlangs[p] += plan.rate_rps * o.invocations * o.service_s
+        latency = {s: picks[s][1].latency_s for s in plan.stages}
+        path = critical_path(plan.stages, plan.upstream, latency)
+        paths[d] = [(picks[s][0], latency[s]) for s in path]
+        for s in path:
+            uses.setdefault(picks[s][0], set()).add(d)
+    slots = [o.slots for o in model.pool_option]
+    busy = {p: min(1.0, erlangs[p] / max(1, slots[p])) for p in range(model.np)}
+
+    def within(d: int, factor: Mapping[int, float]) -> float:
+        budget_s = model.plans[d].target_s - sum(lat * factor.get(p, 1.0) for p, lat in paths[d])
+        tails = []
+        for p, _ in paths[d]:
+            f = factor.get(p, 1.0)
+            mean_s = erlangs[p] * f / invocation_rate[p] if invocation_rate[p] > 0 else 0.0
+            tails.append(wait_tail(counts[p] * slots[p], erlangs[p] * f, mean_s))
+        return probability_waits_within(budget_s, tails)
+
+    before = {d: within(d, {}) for d in paths}
+
+    def memory_per_device(p: int) -> int:
+        o = model.pool_option[p]
+        exe = problem.catalog.get(o.executor)
+        return math.ceil(model_memory_bytes(exe) / o.config.tp) if exe is not None else 0
+
+    candidates = [p for p in range(model.np) if counts[p] == 1 and
+                  problem.hardware[model.pool_option[p].config.hardware].kind == "gpu"]
+
+    def joins(group: list[int], p: int, limit: float = max_busy) -> bool:
+        head, config = model.pool_option[group[0]].config, model.pool_option[p].config
+        if (head.hardware, head.tp, head.power_cap_w) != (config.hardware, config.tp, config.power_cap_w):
+            return False
+        members = group + [p]
+        if sum(busy[q] for q in members) > limit + _EPS:
+            return False
+        if sum(memory_per_device(q) for q in members) > problem.hardware[config.hardware].memory_bytes:
+            return False
+        factor = dict(zip(members, slowdowns([busy[q] for q in members])))
+        touched = set().union(*(uses.get(q, set()) for q in members))
+        return all(within(d, factor) >= min(quantile, before[d]) - 1e-12 for d in touched)
+
+    def by_busy(pools: list[int]) -> list[int]:
+        return sorted(pools, key=lambda q: (-busy[q], str(model.pool_option[q].config)))
+
+    # The running plan's groups first, and up to COLOCATION_HYSTERESIS above the busy limit, so a plan
+    # re-made on slightly other loads does not move instances between groups (each move restarts an
+    # engine); then the rest, busiest first, into the first group that takes them.
+    index = {model.pool_option[p].config: p for p in candidates}
+    groups: list[list[int]] = []
+    for incumbent in problem.incumbent_colocate:
+        members = by_busy([index[c] for c in dict.fromkeys(incumbent) if c in index])
+        if len(members) < 2:
+            continue
+        group = [members[0]]
+        for p in members[1:]:
+            if joins(group, p, max_busy * (1.0 + COLOCATION_HYSTERESIS)):
+                group.append(p)
+        if len(group) >= 2:
+            groups.append(group)
+    grouped = {p for group in groups for p in group}
+    for p in by_busy([p for p in candidates if p not in grouped]):
+        for group in groups:
+            if joins(group, p):
+                group.append(p)
+                break
+        else:
+            groups.append([p])
+    shared = [group for group in groups if len(group) >= 2]
+    notes = tuple(f"co-located on {model.pool_option[g[0]].config.tp}x {model.pool_option[g[0]].config.hardware}: "
+                  + ", ".join(f"{model.pool_option[q].executor} ({busy[q]:.0%} busy)" for q in g) for g in shared)
+    return tuple(tuple(model.pool_option[q].config for q in g) for g in shared), notes
+
+
 def _empty(problem: Problem, unserved: dict[Demand, str], started: float, status: str = "") -> Solution:
     if not status:
         status = "infeasible" if unserved else "optimal"
@@ -832,7 +942,8 @@ def _empty(problem: Problem, unserved: dict[Demand, str], started: float, status
 
 
 def _extract(problem: Problem, model: _Model, x: np.ndarray, status: str,
-             unserved: dict[Demand, str], started: float, notes: tuple[str, ...] = ()) -> Solution:
+             unserved: dict[Demand, str], started: float, notes: tuple[str, ...] = (),
+             colocate: tuple[tuple[InstanceConfig, ...], ...] | None = None) -> Solution:
     choices: dict[Demand, dict[str, StageChoice]] = {}
     configs: dict[Demand, dict[str, InstanceConfig]] = {}
     chosen: dict[int, dict[str, StageOption]] = {}
@@ -876,6 +987,8 @@ def _extract(problem: Problem, model: _Model, x: np.ndarray, status: str,
     power_w = sum(n * busy[c] for c, n in instances.items())
     cost = sum(n * price[c] for c, n in instances.items())
     average_w = sum(n * idle[c] for c, n in instances.items()) + dynamic_w
+    # Co-located instances share their devices, which idle once (at the busiest member's idle draw).
+    average_w -= sum(sum(idle[c] for c in group) - max(idle[c] for c in group) for group in colocate or ())
     objective = {"energy": average_w, "cost": cost, "accuracy": accuracy_sum}[problem.objective]
     binding = _binding(problem, model, counts, predicted)
     if unserved:
@@ -884,7 +997,7 @@ def _extract(problem: Problem, model: _Model, x: np.ndarray, status: str,
                     power_w=power_w, cost_per_hour_usd=cost, objective_value=objective, binding=binding,
                     solve_s=time.perf_counter() - started, unserved=dict(unserved), average_power_w=average_w,
                     load=load, instance_busy_power_w=busy, instance_idle_power_w=idle,
-                    instance_cost_per_hour_usd=price, instance_devices=devices, notes=notes)
+                    instance_cost_per_hour_usd=price, instance_devices=devices, notes=notes, colocate=colocate)
 
 
 def _usage(model: _Model, counts: np.ndarray) -> dict[str, tuple[float, float, float]]:
@@ -937,5 +1050,13 @@ def with_instances(solution: Solution, instances: Mapping[InstanceConfig, int]) 
     cost = sum(n * solution.instance_cost_per_hour_usd[c] for c, n in known.items())
     idle_change = sum((known.get(c, 0) - solution.instances.get(c, 0)) * solution.instance_idle_power_w[c]
                       for c in set(known) | set(solution.instances) if c in solution.instance_idle_power_w)
+    # A co-located pool that scaling resizes is no longer a one-instance pool: it gets devices of its own.
+    colocate = solution.colocate
+    shared_idle = []
+    if colocate is not None:
+        colocate = tuple(g for g in solution.colocate if all(known.get(c, 0) == 1 for c in g))
+        shared_idle = [sum(solution.instance_idle_power_w[c] for c in g) - max(solution.instance_idle_power_w[c]
+                                                                               for c in g)
+                       for g in solution.colocate if g not in colocate]
     return replace(solution, instances=known, power_w=power_w, cost_per_hour_usd=cost,
-                   average_power_w=solution.average_power_w + idle_change)
+                   average_power_w=solution.average_power_w + idle_change + sum(shared_idle), colocate=colocate)

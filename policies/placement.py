@@ -54,6 +54,11 @@ Rules, in the order they are applied:
   when a config in the solution matches it (executor, hardware, tp; same power limit first, then
   any cap, in which case it keeps its id and only its power limit changes) and it still fits under
   every rule above; components that no longer fit are not kept, and their instance is placed anew.
+- Co-location: ``colocate`` (``Solution.colocate``) names groups of configs (one instance each) to run
+  on the same GPUs (``policies.colocation``). A grouped instance goes to GPUs that hold only its
+  group's instances when they fit, before any other preference. With ``colocate`` given (even empty),
+  a kept GPU component shares its GPUs only with components of its group (others move), and a
+  grouped component alone on its GPUs moves to its group's GPUs when they have room for it.
 - Avoided: ``PlacementLimits.avoid`` names (executor, node) pairs not to use for now (the
   controller's list of executors that keep failing to start on a node); such a component is not
   kept and no new instance of that executor goes there.
@@ -225,6 +230,7 @@ class _Dev:
     instances: int = 0
     loaded_idle_w: float = 0.0  # idle with an engine loaded (a CUDA context held); 0: idle_w
     floor_w: float = 0.0  # the most any instance on it is modeled to draw at its cap (may exceed the cap)
+    configs: list[InstanceConfig] = field(default_factory=list)  # of the instances placed on it
 
     @property
     def key(self) -> DeviceKey:
@@ -261,6 +267,7 @@ class _Fit:
     delta_w: float  # added to the rack
     temperature_after_c: float  # hottest of the devices; -inf when unknown or cpu
     shares: bool
+    with_partner: bool = False  # every device holds instances of the config's co-location group only
 
 
 # --- the placer ---------------------------------------------------------------------------------
@@ -269,8 +276,15 @@ class _Fit:
 class _Placer:
     def __init__(self, nodes: Sequence[NodeState], catalog: Mapping[str, ExecutorSpec],
                  current: Sequence[PlacedComponent], limits: PlacementLimits, perf: PerfModel | None,
-                 hardware: Mapping[str, HardwareType] | None) -> None:
+                 hardware: Mapping[str, HardwareType] | None,
+                 colocate: Sequence[Sequence[InstanceConfig]] | None = None) -> None:
         self.limits, self.catalog, self.perf_model = limits, catalog, perf
+        self.colocating = colocate is not None
+        self.partners: dict[InstanceConfig, frozenset[InstanceConfig]] = {}
+        for group in colocate or ():
+            members = frozenset(group)
+            for config in members:
+                self.partners[config] = self.partners.get(config, frozenset()) | members
         self.hardware = dict(hardware or {})
         self.nodes = {n.name: n for n in sorted(nodes, key=lambda n: n.name)}
         if len(self.nodes) != len(nodes):
@@ -501,7 +515,10 @@ class _Placer:
         why = self.rack_misfit(node, delta_w)
         if why is not None:
             return "rack power budget", why
-        return _Fit(devices, caps.pop(), delta_w, hottest_c, any(by_index[i].instances for i in devices))
+        group = self.partners.get(need.config, frozenset())
+        with_partner = bool(group) and all(by_index[i].configs and set(by_index[i].configs) <= group for i in devices)
+        return _Fit(devices, caps.pop(), delta_w, hottest_c, any(by_index[i].instances for i in devices),
+                    with_partner)
 
     def cpu_fit(self, need: _Need, node: NodeState, devices: tuple[int, ...] | None = None,
                 ) -> _Fit | tuple[str, str]:
@@ -569,6 +586,12 @@ class _Placer:
         coolest = sorted(ok, key=lambda x: (x[0].instances > 0, x[1], x[0].state.index))[:tp]
         frugal = sorted(ok, key=lambda x: (x[2], x[0].instances > 0, x[0].state.index))[:tp]
         tries = (tuple(sorted(x[0].state.index for x in coolest)), tuple(sorted(x[0].state.index for x in frugal)))
+        group = self.partners.get(need.config)
+        if group:  # its co-location partners' GPUs first
+            partnered = sorted((x for x in ok if x[0].configs and set(x[0].configs) <= group),
+                               key=lambda x: (x[1], x[0].state.index))[:tp]
+            if len(partnered) == tp:
+                tries = (tuple(sorted(x[0].state.index for x in partnered)), *tries)
         first: _Fit | tuple[str, str] | None = None
         for devices in dict.fromkeys(tries):
             got_fit = self.gpu_fit(need, node.name, devices)
@@ -591,6 +614,7 @@ class _Placer:
             dev.limit_w = fit.limit_w
             dev.instances += 1
             dev.floor_w = max(dev.floor_w, need.busy_w_per_device or 0.0)
+            dev.configs.append(config)
             if dev.rack is not None:
                 self.rack_w[dev.rack] += dev.power_w(dev.instances, dev.dyn_w, dev.limit_w) - before
         if not need.on_gpu and self.rack_of[node.name] is not None:
@@ -681,11 +705,33 @@ class _Placer:
         node = self.nodes[comp.node]
         if node.name in self.ineligible:
             return f"node {node.name} is {self.ineligible[node.name]}"
+        if need.on_gpu and self.colocating:
+            why = self.colocation_misfit(comp, need)
+            if why is not None:
+                return why
         got = (self.gpu_fit(need, node.name, tuple(comp.device_indexes)) if need.on_gpu
                else self.cpu_fit(need, node, tuple(comp.device_indexes)))
         if isinstance(got, _Fit):
             return got
         return f"{got[0]} on {node.name}: {got[1]}"
+
+    def colocation_misfit(self, comp: PlacedComponent, need: _Need) -> str | None:
+        """With co-location planned, a kept GPU component shares its devices only with its group, and a
+        group's members gather: one kept elsewhere than the member kept first moves to it."""
+        group = self.partners.get(need.config, frozenset())
+        by_index = self.devs[comp.node]
+        for i in comp.device_indexes:
+            others = by_index[i].configs if i in by_index else []
+            strangers = sorted({str(c.executor) for c in others if c not in group})
+            if strangers:
+                return f"GPU {i} of {comp.node} holds {', '.join(strangers)}, not of its co-location group"
+        if group and not any(by_index[i].configs for i in comp.device_indexes if i in by_index):
+            for node, devs in self.devs.items():
+                room = [d for d in devs.values() if d.configs and set(d.configs) <= group
+                        and d.free_bytes >= need.memory_bytes_per_device and node not in self.ineligible]
+                if len(room) >= need.config.tp:
+                    return f"its co-location group runs on GPUs of {node}; it joins them"
+        return None
 
     # --- new instances ---
 
@@ -709,7 +755,7 @@ class _Placer:
                 return None
             spread = ((self.on_rack[(config, self._spread_rack(name))], self.on_node[(config, name)])
                       if self.limits.spread else ())
-            return (*spread, fit.shares, gpu_host[name], fit.temperature_after_c, name)
+            return (not fit.with_partner, *spread, fit.shares, gpu_host[name], fit.temperature_after_c, name)
 
         # Ranks only grow as instances land (counts rise, GPUs fill and warm, racks fill), so a heap
         # with lazy re-ranking finds the best node without scanning the fleet for every instance.
@@ -774,12 +820,15 @@ def component_config(comp: PlacedComponent, hardware: str, on_gpu: bool,
 def place(solution_instances: Mapping[InstanceConfig, int], nodes: Sequence[NodeState],
           catalog: Mapping[str, ExecutorSpec], current: Sequence[PlacedComponent] = (),
           limits: PlacementLimits | None = None, *, perf: PerfModel | None = None,
-          hardware: Mapping[str, HardwareType] | None = None) -> PlacementResult:
+          hardware: Mapping[str, HardwareType] | None = None,
+          colocate: Sequence[Sequence[InstanceConfig]] | None = None) -> PlacementResult:
     """Place ``solution_instances`` (config -> instance count) on ``nodes``; see the module docstring.
 
     ``perf`` (optional) gives each config's busy power and memory per device at its cap (configs it
     has no prediction for fall back to the catalog's memory and the worst-case power); ``hardware``
     (optional) gives idle and max power per hardware type, and the cpu type's power for cpu instances.
+    ``colocate`` (optional, ``Solution.colocate``) lists groups of configs whose instances share GPUs; when
+    given (even empty), kept GPU components share devices only within their group (see the module doc).
     Invalid input (negative counts, tp < 1, repeated node names or device indexes) raises ValueError.
     """
     limits = limits or PlacementLimits()
@@ -788,7 +837,7 @@ def place(solution_instances: Mapping[InstanceConfig, int], nodes: Sequence[Node
             raise ValueError(f"instance count for {config} must be a whole number >= 0, got {count}")
         if config.tp < 1:
             raise ValueError(f"{config}: tp must be >= 1")
-    placer = _Placer(nodes, catalog, current, limits, perf, hardware)
+    placer = _Placer(nodes, catalog, current, limits, perf, hardware, colocate)
     wanted = {c: int(n) for c, n in solution_instances.items() if n > 0}
     needs: dict[InstanceConfig, _Need] = {}
     reasons: dict[InstanceConfig, str] = {}

@@ -12,10 +12,11 @@ its own planning epoch and reactive rules), then service steps (every ``step_s``
 events nothing changes, so energy, GPU-hours and cost integrate exactly as piecewise-constant
 power times time. Service within a step uses the pools that are ready at its start.
 
-A new plan that changes which pool serves some (workflow, tier, stage) is rolled out make
-before break: components the new placement drops keep serving the old routing until every pool
-of the new plan has its placed instances ready (or ``control.switch_timeout_s`` passes); then
-routing switches and the old components are stopped. Plans that only change instance counts or
+A new plan that changes which pool serves some (workflow, tier, stage), or that moves a
+component to other devices (co-location gathers or splits them), is rolled out make before
+break: components the new placement drops keep serving the old routing until every pool of the
+new plan has its placed instances ready (or ``control.switch_timeout_s`` passes); then routing
+switches and the old components are stopped. Plans that only change instance counts or
 power caps apply at once (placement keeps components in place and moves caps without restarts);
 while a rollout is pending, instances of one executor, hardware and tp serve the old routing
 whatever cap the new plan has already moved them to (``ServiceModel.evaluate``'s ``merge_caps``).
@@ -431,8 +432,11 @@ class Simulator:
         return [self._node_state_cache[n] for n in sorted(self.nodes)]
 
     def _place(self, solution: Solution, current: list[PlacedComponent]) -> PlacementResult:
+        if solution.colocate is None:  # keeps working with a place_fn that predates co-location
+            return self.place_fn(solution.instances, self._node_states(), self.scenario.catalog, current, self.limits,
+                                 perf=self.perf, hardware=self.hardware)
         return self.place_fn(solution.instances, self._node_states(), self.scenario.catalog, current, self.limits,
-                             perf=self.perf, hardware=self.hardware)
+                             perf=self.perf, hardware=self.hardware, colocate=solution.colocate)
 
     def _config_of(self, comp: PlacedComponent) -> InstanceConfig:
         return config_of(comp, self.nodes[comp.node], self.scenario.catalog[comp.executor])
@@ -444,10 +448,16 @@ class Simulator:
         routing_changes = self.active is None or RouteTable.routing_of(self.active) != \
             RouteTable.routing_of(solution)
         retained: list[PlacedComponent] = []
-        if routing_changes and self.active is not None:
-            kept_ids = {c.component_id for c in result.components}
-            serving = set(self.active.instances)
-            dropped = [c for c in current if c.component_id not in kept_ids and self._config_of(c) in serving]
+        kept_ids = {c.component_id for c in result.components}
+        dropped = [c for c in current if c.component_id not in kept_ids]
+        if dropped and self.active is not None:
+            if routing_changes:  # the old routing's components serve until the new pools are ready
+                serving = set(self.active.instances)
+                dropped = [c for c in dropped if self._config_of(c) in serving]
+            else:  # components that move (co-location gathers or splits them) serve until their successors are ready
+                current_ids = {c.component_id for c in current}
+                fresh = Counter(self._config_of(c) for c in result.components if c.component_id not in current_ids)
+                dropped = [c for c in dropped if fresh[self._config_of(c)] > 0]
             if dropped:
                 kept = [c for c in current if c.component_id in kept_ids]
                 second = self._place(solution, kept)
@@ -464,7 +474,7 @@ class Simulator:
         for comp in retained:
             desired.setdefault(comp.component_id, comp)
         self.desired = desired
-        if self.first_plan or not routing_changes:
+        if self.first_plan or not (routing_changes or retained):
             self.active = solution
             self.routes = None
             self.rollout = None
@@ -506,8 +516,10 @@ class Simulator:
         """Route to the rolled-out plan once its pools are ready (or it waited too long); drop the old."""
         if self.rollout is None:
             return
-        placed: Counter[InstanceConfig] = Counter(self._config_of(c) for c in self.plan)
-        ready_ok = all(self.groups.get((config, "ready"), 0) >= n for config, n in placed.items())
+        # Every component of the new placement ready (not just as many of its config: a component that
+        # moves must not count its predecessor).
+        ready_ok = all(getattr(self.agents.components.get(c.node, {}).get(c.component_id), "state", None) == "ready"
+                       for c in self.plan)
         if not ready_ok and now_s - self.rollout.since_s < self.control.switch_timeout_s:
             return
         self.active = self.rollout.solution
@@ -522,6 +534,19 @@ class Simulator:
 
     # --- service -----------------------------------------------------------------------------------
 
+    def _sharing(self) -> list[tuple[InstanceConfig, ...]]:
+        """Configs of the ready components on each set of GPUs that several of them share."""
+        if self.shared_idle_w <= 0:
+            return []
+        on_device: dict[tuple[str, int], list[SimComponent]] = {}
+        for comp in self.agents.live():
+            if comp.state == "ready" and self.hardware[comp.config.hardware].kind == "gpu":
+                for index in comp.device_indexes:
+                    on_device.setdefault((comp.node, index), []).append(comp)
+        tenant_sets = {tuple(sorted(c.component_id for c in comps)): comps
+                       for comps in on_device.values() if len(comps) >= 2}
+        return [tuple(c.config for c in comps) for _, comps in sorted(tenant_sets.items())]
+
     def _step(self, k: int, now_s: float) -> None:
         self._maybe_switch(now_s)  # a rollout that timed out switches even when no component changed
         width_s = min(self.spec.step_s, self.spec.duration_s - now_s)
@@ -530,7 +555,7 @@ class Simulator:
             self.routes = RouteTable.build(self.active, self.judge)
         ready = {config: n for (config, state), n in self.groups.items() if state == "ready" and n > 0}
         outcome: StepOutcome = self.service.evaluate(self.routes, self.arrivals.demands, counts, width_s, ready,
-                                                     merge_caps=self.rollout is not None)
+                                                     merge_caps=self.rollout is not None, shared=self._sharing())
         self.utilization = outcome.utilization
         self._power = None
         # What the policies see (like Kubernetes' HPA): offered load over the slots of every instance

@@ -53,7 +53,8 @@ def build_policy(name: str, scenario: Scenario, perf: PerfModel) -> Any:
     if name == "murakkab":
         return MurakkabPolicy(dataclasses.replace(inputs, wait_quantile=control.wait_quantile,
                                                   switch_penalty=control.switch_penalty,
-                                                  price_weight_w=control.price_weight_w),
+                                                  price_weight_w=control.price_weight_w,
+                                                  colocate_max_busy=control.colocate_max_busy),
                               epoch_s=control.epoch_s.get(name, 300.0), tick_s=tick_s,
                               utilization_target=control.utilization_target.get(name, MURAKKAB_UTILIZATION_TARGET),
                               cap_fractions=tuple(control.cap_fractions) if control.cap_fractions else CAP_FRACTIONS,

@@ -279,6 +279,10 @@ class ControlSpec(_Strict):
     price_weight_w: float = Field(
         0.0, ge=0, le=100_000, description="murakkab only: its energy objective adds every instance's price at "
                                            "this many W per USD/h (Problem.price_weight_w); 0: energy alone")
+    colocate_max_busy: float | None = Field(
+        None, ge=0, le=1, description="murakkab only: one-instance GPU pools may share devices while their busy "
+                                      "fractions add up to at most this and every demand keeps its wait quantile "
+                                      "(Problem.colocate_max_busy); null: each instance gets devices of its own")
     utilization_target: dict[str, float] = Field(
         default_factory=dict, description="policy name -> the utilization its pools are sized for (defaults: 0.8; "
                                           "murakkab 0.85, see policies/baselines.py)")

@@ -16,6 +16,9 @@ erlangs to p. A pool has c = ready instances x batch slots servers (``queueing``
 - Shedding: a pool offered more than ``max_utilization * c`` erlangs admits only that share;
   a pool with no ready instance admits nothing. A request is served when every pool on its
   path admitted it (product of the admitted shares); the rest are dropped and miss their SLO.
+- Sharing: instances that placement put on the same GPUs slow each other (``policies.colocation``):
+  each pool's service times grow by the mean factor of its ready instances, from the other
+  tenants' busy fractions this step.
 - Waiting: each pool's admitted load gives P(wait) and the wait's rate (Erlang C).
 - Latency: the critical path of the workflow DAG by stage latency plus mean wait; its stages'
   service times are summed and their waits combined exactly (phase-type), so the share of
@@ -36,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from policies.colocation import slowdowns
 from policies.queueing import probability_waits_within, wait_tail
 from controller.simulator.report import tier_label
 from controller.simulator.slo import SloJudge, StageCost
@@ -123,7 +127,8 @@ class ServiceModel:
         self._labels: dict[Demand, str] = {}
 
     def evaluate(self, routes: RouteTable | None, demands: Sequence[Demand], counts: np.ndarray, width_s: float,
-                 ready: Mapping[InstanceConfig, int], merge_caps: bool = False) -> StepOutcome:
+                 ready: Mapping[InstanceConfig, int], merge_caps: bool = False,
+                 shared: Sequence[Sequence[InstanceConfig]] = ()) -> StepOutcome:
         per_tier: dict[str, list[float]] = {}
         rate: dict[InstanceConfig, float] = {}
         erlangs: dict[InstanceConfig, float] = {}
@@ -148,6 +153,10 @@ class ServiceModel:
                 pool, cost = route.pools[stage], route.costs[stage]
                 rate[pool] = rate.get(pool, 0.0) + lam * cost.invocations
                 erlangs[pool] = erlangs.get(pool, 0.0) + lam * cost.invocations * cost.service_s
+        factor = self.sharing_factors(erlangs, ready, shared)
+        for pool, f in factor.items():
+            if pool in erlangs:
+                erlangs[pool] *= f
         admitted: dict[InstanceConfig, float] = {}
         waits: dict[InstanceConfig, tuple[float, float]] = {}
         utilization: dict[InstanceConfig, float] = {c: 0.0 for c, n in ready.items() if n > 0}
@@ -183,7 +192,7 @@ class ServiceModel:
             met = 0.0
             if served > 0 and route.accuracy_ok:
                 path = self._critical_path(route, waits)
-                service_s = sum(route.costs[s].latency_s for s in path)
+                service_s = sum(route.costs[s].latency_s * factor.get(route.pools[s], 1.0) for s in path)
                 met = served * probability_waits_within(route.target_s - service_s,
                                                         [waits[route.pools[s]] for s in path])
             tier = per_tier[self._labels[route.demand]]
@@ -193,6 +202,27 @@ class ServiceModel:
             met_total += met
         return StepOutcome(served=served_total, met=met_total, utilization=utilization, offered_erlangs=erlangs,
                            per_tier={k: (v[0], v[1], v[2]) for k, v in per_tier.items()})
+
+    def sharing_factors(self, erlangs: Mapping[InstanceConfig, float], ready: Mapping[InstanceConfig, int],
+                        shared: Sequence[Sequence[InstanceConfig]]) -> dict[InstanceConfig, float]:
+        """Service-time factor per pool from instances that share GPUs (``policies.colocation``): each
+        shared instance is slowed by its co-tenants' busy fractions (their pools' load over their slots,
+        unslowed); a pool's factor is the mean over its ready instances."""
+        if not shared:
+            return {}
+        busy = {c: min(1.0, erlangs.get(c, 0.0) / (n * self.judge.slots(c))) for c, n in ready.items() if n > 0}
+        total: dict[InstanceConfig, float] = {}
+        count: dict[InstanceConfig, int] = {}
+        for tenants in shared:
+            for config, f in zip(tenants, slowdowns([busy.get(c, 0.0) for c in tenants])):
+                total[config] = total.get(config, 0.0) + f
+                count[config] = count.get(config, 0) + 1
+        factors = {}
+        for config, f_sum in total.items():
+            n = ready.get(config, 0)
+            if n > 0:
+                factors[config] = (f_sum + max(0, n - count[config])) / max(n, count[config])
+        return factors
 
     def _resolve(self, route: Route, ready: Mapping[InstanceConfig, int],
                  siblings: Mapping[tuple[str, str, int], InstanceConfig]) -> Route:
