@@ -55,6 +55,8 @@ def control_changes(args: argparse.Namespace) -> dict[str, Any]:
         changes["cap_fractions"] = list(args.cap_fractions)
     if args.price_weight_w is not None:
         changes["price_weight_w"] = args.price_weight_w
+    if args.no_lift_caps:
+        changes["lift_caps_on_bursts"] = False
     if args.colocate_max_busy is not None:
         changes["colocate_max_busy"] = args.colocate_max_busy if args.colocate_max_busy > 0 else None
     if args.scale_band is not None:
@@ -213,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--colocate-max-busy", type=float, default=None, metavar="RHO",
                         help="override control.colocate_max_busy (murakkab's co-location of one-instance GPU "
                              "pools; 0 turns it off)")
+    parser.add_argument("--no-lift-caps", action="store_true",
+                        help="murakkab's autoscaler adds instances without lifting power caps first "
+                             "(control.lift_caps_on_bursts: false)")
     parser.add_argument("--scale-band", type=_band, default=None, metavar="LOW,HIGH,TARGET",
                         help="override murakkab's reactive autoscaler band (control.scale_band)")
     parser.add_argument("--jobs", type=int, default=1, help="policies simulated in parallel (processes)")

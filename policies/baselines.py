@@ -18,7 +18,9 @@
   The scaler steps in only near shedding (above 0.92 busy) and brings a pool back to 0.8, not to the
   paper's 0.6: a step to 0.6 overshoots by a third, and the next plan corrects the size within 5
   minutes anyway (bench/README.md, "Planning", has the measured alternatives). Its energy objective
-  can also weigh instance prices (``PlanningInputs.price_weight_w``, 0 by default).
+  can also weigh instance prices (``PlanningInputs.price_weight_w``, 0 by default), and it may put
+  one-instance GPU pools on the same devices (``PlanningInputs.colocate_max_busy``, off by default;
+  docs/planning.md, 5.6); each re-plan hands the running plan's groups back so they stay together.
 
 Both forecasting policies also re-plan at once when a demand with traffic appears that the current
 plan does not serve (the paper's system reacts to a new workflow too); its forecast starts at its
@@ -48,7 +50,7 @@ from policies.model import (
     Solution,
 )
 from policies.optimizer import (
-    StageOption, critical_path_s, knob_key, latency_target_s, optimize, stage_options, with_instances,
+    StageOption, critical_path_s, knob_key, latency_target_s, optimize, stage_options, with_caps_lifted, with_instances,
 )
 from policies.perf_model import power_cap_levels
 from policies.plan import Demand, StageChoice
@@ -425,7 +427,8 @@ class MurakkabPolicy(_ForecastPolicy):
                  percentile_z: float = P95_Z, objective: Objective = "energy", name: str = "murakkab",
                  cap_fractions: tuple[float, ...] = CAP_FRACTIONS, min_rate_rps: float = MIN_RATE_RPS,
                  utilization_target: float | None = MURAKKAB_UTILIZATION_TARGET,
-                 scale_band: ScaleBand = MURAKKAB_SCALE_BAND) -> None:
+                 scale_band: ScaleBand = MURAKKAB_SCALE_BAND, lift_caps_on_bursts: bool = True) -> None:
+        self.lift_caps_on_bursts = lift_caps_on_bursts
         if utilization_target is not None:
             if not 0.0 < utilization_target <= 1.0:
                 raise ValueError(f"utilization_target must be within (0, 1], got {utilization_target}")
@@ -433,3 +436,32 @@ class MurakkabPolicy(_ForecastPolicy):
         super().__init__(inputs, name=name, epoch_s=epoch_s, tick_s=tick_s, alpha=alpha, percentile_z=percentile_z,
                          cap_fractions=cap_fractions, objective=objective, min_rate_rps=min_rate_rps,
                          scale_band=scale_band)
+
+    def _react(self, state: ClusterState) -> Decision | None:
+        """A capped pool above the band first gets its cap lifted (at once, no engine starts); the scaler
+        then adds instances only where the pool, at its uncapped speed, would still be above the band.
+        The next plan (within ``epoch_s``) sets caps again for the load it then forecasts."""
+        assert self.solution is not None
+        hot = sorted((c for c in self.solution.instances if c.power_cap_w is not None
+                      and state.utilization.get(c, 0.0) > self.scale_band.high), key=_config_key)
+        if not self.lift_caps_on_bursts or not hot:
+            return super()._react(state)
+        lifted, gain = with_caps_lifted(self.solution, hot, self.inputs.perf, self.inputs.catalog, state.hardware)
+        if not gain:
+            return super()._react(state)
+        self.solution = lifted
+        utilization: dict[InstanceConfig, float] = {}
+        instances: dict[InstanceConfig, int] = {}
+        for config, u in state.utilization.items():  # readings and counts move to the uncapped configs
+            target = replace(config, power_cap_w=None) if config in gain else config
+            utilization[target] = max(utilization.get(target, 0.0), u / gain.get(config, 1.0))
+        for config, n in state.instances.items():
+            target = replace(config, power_cap_w=None) if config in gain else config
+            instances[target] = instances.get(target, 0) + n
+        lift = "; ".join(f"{c.executor}@{c.hardware}: cap {c.power_cap_w:g} W lifted "
+                         f"({state.utilization[c]:.0%} busy, {gain[c]:.2f}x faster)" for c in gain)
+        scaled = super()._react(replace(state, utilization=utilization, instances=instances))
+        if scaled is None:
+            return Decision(self.solution, f"{self.name}: reactive, {lift}")
+        return Decision(scaled.solution, f"{scaled.reason}; {lift}")
+

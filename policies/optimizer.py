@@ -23,7 +23,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -32,7 +32,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
 
 from common.workflow.catalog import ExecutorSpec
-from policies.model import HardwareType, InstanceConfig, Perf, PredictedDemand, Problem, Solution
+from policies.model import HardwareType, InstanceConfig, Perf, PerfModel, PredictedDemand, Problem, Solution
 from policies.perf_model import (
     MAX_TP, devices_per_instance, knob_settings, model_memory_bytes, option_accuracy, runs_on_gpu,
 )
@@ -1060,3 +1060,59 @@ def with_instances(solution: Solution, instances: Mapping[InstanceConfig, int]) 
                        for g in solution.colocate if g not in colocate]
     return replace(solution, instances=known, power_w=power_w, cost_per_hour_usd=cost,
                    average_power_w=solution.average_power_w + idle_change + sum(shared_idle), colocate=colocate)
+
+
+def with_caps_lifted(solution: Solution, configs: Sequence[InstanceConfig], perf: PerfModel,
+                     catalog: Mapping[str, ExecutorSpec], hardware: Mapping[str, HardwareType]
+                     ) -> tuple[Solution, dict[InstanceConfig, float]]:
+    """The same plan with these capped pools uncapped (a burst's first answer: a limit rises in
+    milliseconds, an engine starts in tens of seconds), and each lifted pool's capacity gain.
+
+    Each config moves to the same executor, hardware and tp without a cap (merging with such a pool if
+    the plan has one); routing follows; per-instance power and the pools' planned load follow the
+    perf model at the executor's default knobs. Co-location groups with a lifted member end (one GPU
+    has one power limit). Configs that are uncapped, unknown to the plan or to the perf model stay.
+    """
+    lifted: dict[InstanceConfig, InstanceConfig] = {}
+    gain: dict[InstanceConfig, float] = {}
+    busy, idle = dict(solution.instance_busy_power_w), dict(solution.instance_idle_power_w)
+    price, devices = dict(solution.instance_cost_per_hour_usd), dict(solution.instance_devices)
+    for config in configs:
+        exe = catalog.get(config.executor)
+        if config.power_cap_w is None or config not in solution.instances or exe is None:
+            continue
+        free = replace(config, power_cap_w=None)
+        before, after = perf.perf(exe, config, exe.knob_defaults()), perf.perf(exe, free, exe.knob_defaults())
+        if before is None or after is None or after.capacity_rps <= 0:
+            continue
+        lifted[config], gain[config] = free, after.capacity_rps / before.capacity_rps
+        busy[free], idle[free] = after.busy_power_w, after.idle_power_w
+        price.setdefault(free, price[config])
+        devices.setdefault(free, devices[config])
+    if not lifted:
+        return solution, {}
+    instances: dict[InstanceConfig, int] = {}
+    for config, n in solution.instances.items():
+        target = lifted.get(config, config)
+        instances[target] = instances.get(target, 0) + n
+    load: dict[InstanceConfig, float] = {}
+    for config, busy_instances in solution.load.items():
+        target = lifted.get(config, config)
+        load[target] = load.get(target, 0.0) + busy_instances / gain.get(config, 1.0)
+    configs_by_demand = {d: {s: lifted.get(c, c) for s, c in stages.items()} for d, stages in solution.configs.items()}
+    old_dynamic = sum(solution.load.get(c, 0.0) * (solution.instance_busy_power_w.get(c, 0.0) -
+                                                   solution.instance_idle_power_w.get(c, 0.0)) for c in solution.load)
+    new_dynamic = sum(load.get(c, 0.0) * (busy.get(c, 0.0) - idle.get(c, 0.0)) for c in load)
+    colocate = solution.colocate
+    if colocate is not None:
+        colocate = tuple(g for g in colocate if not set(g) & set(lifted))
+    keep = set(instances)
+    return replace(solution, configs=configs_by_demand, instances=instances, load=load,
+                   instance_busy_power_w={c: v for c, v in busy.items() if c in keep},
+                   instance_idle_power_w={c: v for c, v in idle.items() if c in keep},
+                   instance_cost_per_hour_usd={c: v for c, v in price.items() if c in keep},
+                   instance_devices={c: v for c, v in devices.items() if c in keep},
+                   power_w=sum(n * busy[c] for c, n in instances.items()),
+                   cost_per_hour_usd=sum(n * price[c] for c, n in instances.items()),
+                   average_power_w=solution.average_power_w + new_dynamic - old_dynamic, colocate=colocate), gain
+

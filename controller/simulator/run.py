@@ -59,7 +59,8 @@ def build_policy(name: str, scenario: Scenario, perf: PerfModel) -> Any:
                               utilization_target=control.utilization_target.get(name, MURAKKAB_UTILIZATION_TARGET),
                               cap_fractions=tuple(control.cap_fractions) if control.cap_fractions else CAP_FRACTIONS,
                               scale_band=MURAKKAB_SCALE_BAND if band is None else
-                              ScaleBand(band.low, band.high, band.target))
+                              ScaleBand(band.low, band.high, band.target),
+                              lift_caps_on_bursts=control.lift_caps_on_bursts)
     raise ValueError(f"unknown policy {name!r} (policies: {', '.join(POLICY_NAMES)})")
 
 

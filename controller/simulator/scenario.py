@@ -283,6 +283,9 @@ class ControlSpec(_Strict):
         None, ge=0, le=1, description="murakkab only: one-instance GPU pools may share devices while their busy "
                                       "fractions add up to at most this and every demand keeps its wait quantile "
                                       "(Problem.colocate_max_busy); null: each instance gets devices of its own")
+    lift_caps_on_bursts: bool = Field(
+        True, description="murakkab only: a capped pool busier than its scale band first gets its power cap "
+                          "lifted (at once), before the autoscaler adds instances")
     utilization_target: dict[str, float] = Field(
         default_factory=dict, description="policy name -> the utilization its pools are sized for (defaults: 0.8; "
                                           "murakkab 0.85, see policies/baselines.py)")

@@ -4,6 +4,7 @@ power caps; the shared reactive autoscaler."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def test_epoch_policy_scales_reactively_between_epochs() -> None:
 
 
 def test_murakkab_scales_only_near_shedding_and_back_to_its_band_target() -> None:
-    ours, paper = MurakkabPolicy(inputs()), EpochPolicy(inputs())
+    ours, paper = MurakkabPolicy(inputs(), lift_caps_on_bursts=False), EpochPolicy(inputs())
     assert ours.inputs.utilization_target == pytest.approx(0.85) and inputs().utilization_target == pytest.approx(0.8)
     mine, theirs = ours.decide(0.0, {RAG_BEST: 1.0}, state()), paper.decide(0.0, {RAG_BEST: 1.0}, state())
     assert mine is not None and theirs is not None
@@ -135,6 +136,33 @@ def test_murakkab_scales_only_near_shedding_and_back_to_its_band_target() -> Non
     up = ours.decide(120.0, {RAG_BEST: 1.2}, state(mine.solution.instances, {hot: 0.97}))
     assert up is not None and up.solution.instances[hot] == math.ceil(n * 0.97 / 0.8)
     assert paper.decide(60.0, {RAG_BEST: 1.0}, state(theirs.solution.instances, {warm: 0.9})) is not None  # > 0.85
+
+
+@pytest.mark.parametrize("busy", [0.97, 1.4])
+def test_murakkab_lifts_a_hot_pools_cap_before_adding_instances(busy: float) -> None:
+    ours = MurakkabPolicy(inputs())
+    first = ours.decide(0.0, {RAG_BEST: 1.0}, state())
+    assert first is not None
+    hot = max((c for c in first.solution.instances if c.power_cap_w is not None),
+              key=lambda c: first.solution.instances[c])
+    n = first.solution.instances[hot]
+    free = replace(hot, power_cap_w=None)
+    exe = ours.inputs.catalog[hot.executor]
+    gain = (ours.inputs.perf.perf(exe, free, exe.knob_defaults()).capacity_rps
+            / ours.inputs.perf.perf(exe, hot, exe.knob_defaults()).capacity_rps)
+    assert gain > 1.05
+    up = ours.decide(60.0, {RAG_BEST: 1.0}, state(first.solution.instances, {hot: busy}))
+    assert up is not None and "lifted" in up.reason and "reactive" in up.reason
+    assert hot not in up.solution.instances
+    expected = n if busy / gain <= ours.scale_band.high else math.ceil(n * busy / gain / ours.scale_band.target)
+    assert up.solution.instances[free] - first.solution.instances.get(free, 0) == expected
+    assert all(c != hot for stages in up.solution.configs.values() for c in stages.values())  # routing follows
+    assert up.solution.instance_busy_power_w[free] > first.solution.instance_busy_power_w[hot]
+    assert up.solution.average_power_w > first.solution.average_power_w  # faster, hungrier
+    # The next plan caps again for what it forecasts.
+    again = ours.decide(300.0, {RAG_BEST: 1.0}, state(up.solution.instances))
+    assert again is not None and "MILP" in again.reason
+    assert any(c.power_cap_w is not None for c in again.solution.instances)
 
 
 def test_scale_band_and_utilization_target_are_checked() -> None:

@@ -428,3 +428,33 @@ def test_sim_run_command_writes_report_and_plots(tmp_path: Path) -> None:
     for name in ("load.png", "gpus.png", "power.png", "slo.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["sim", "run", str(tmp_path / "missing.yaml"), "--policy", "static", "-o", str(out)]) == 2
+
+
+def test_lifting_caps_on_a_burst_recaps_in_place_and_sheds_less() -> None:
+    doc = copy.deepcopy(smoke_document())
+    doc["spec"]["duration_s"] = 3000.0  # through the smoke scenario's rag-qa burst (x2 at 36 min)
+    doc["spec"]["control"].update(latency_planning_margin=0.2)
+
+    def run(lift: bool):
+        doc["spec"]["control"]["lift_caps_on_bursts"] = lift
+        scenario = parse(doc)
+        hardware = scenario_hardware(scenario)
+        perf = CatalogPerfModel(hardware)
+        policy = build_policy("murakkab", scenario, perf)
+        reasons: list[str] = []
+        decide = policy.decide
+
+        def recording(*args):
+            decision = decide(*args)
+            if decision is not None:
+                reasons.append(decision.reason)
+            return decision
+
+        policy.decide = recording
+        return Simulator(scenario, policy, perf=perf, hardware=hardware).run(), reasons
+
+    lifted, reasons = run(True)
+    scaled, plain_reasons = run(False)
+    assert any("lifted" in r for r in reasons) and not any("lifted" in r for r in plain_reasons)
+    assert lifted["requests"]["dropped"] <= scaled["requests"]["dropped"]
+    assert lifted["slo_attainment"]["overall"] >= scaled["slo_attainment"]["overall"] - 1e-4
