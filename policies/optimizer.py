@@ -737,6 +737,30 @@ def optimize(problem: Problem) -> Solution:
     return _extract(problem, model, x, status, unserved, started, notes, colocate)
 
 
+def _planned_traffic(model: _Model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                dict[int, list[tuple[int, float]]]]:
+    """What a plan sends through its pools: instance counts, offered erlangs and invocation rate per
+    pool, and per served demand its critical path as (pool, stage latency) pairs."""
+    counts = np.round(x[model.n0:model.n0 + model.np]).astype(int)
+    chosen: dict[int, dict[str, tuple[int, StageOption]]] = {}
+    for i, (d, s, o) in enumerate(model.x):
+        if x[i] > 0.5:
+            chosen.setdefault(d, {})[s] = (model.pool_of[i], o)
+    erlangs = np.zeros(model.np)
+    invocation_rate = np.zeros(model.np)
+    paths: dict[int, list[tuple[int, float]]] = {}
+    for d, plan in enumerate(model.plans):
+        picks = chosen.get(d, {})
+        if len(picks) != len(plan.stages) or plan.rate_rps <= 0:
+            continue
+        for p, o in picks.values():
+            invocation_rate[p] += plan.rate_rps * o.invocations
+            erlangs[p] += plan.rate_rps * o.invocations * o.service_s
+        latency = {s: picks[s][1].latency_s for s in plan.stages}
+        paths[d] = [(picks[s][0], latency[s]) for s in critical_path(plan.stages, plan.upstream, latency)]
+    return counts, erlangs, invocation_rate, paths
+
+
 def size_for_queueing(model: _Model, x: np.ndarray, quantile: float) -> tuple[np.ndarray, tuple[str, ...]]:
     """Add instances until each served demand meets its latency target, waits included, at ``quantile``.
 
@@ -748,24 +772,9 @@ def size_for_queueing(model: _Model, x: np.ndarray, quantile: float) -> tuple[np
     """
     problem = model.problem
     x = x.copy()
-    counts = np.round(x[model.n0:model.n0 + model.np]).astype(int)
-    chosen: dict[int, dict[str, tuple[int, StageOption]]] = {}
-    for i, (d, s, o) in enumerate(model.x):
-        if x[i] > 0.5:
-            chosen.setdefault(d, {})[s] = (model.pool_of[i], o)
-    erlangs = np.zeros(model.np)
-    invocation_rate = np.zeros(model.np)
-    paths: dict[int, tuple[list[int], float]] = {}
-    for d, plan in enumerate(model.plans):
-        picks = chosen.get(d, {})
-        if len(picks) != len(plan.stages) or plan.rate_rps <= 0:
-            continue
-        for p, o in picks.values():
-            invocation_rate[p] += plan.rate_rps * o.invocations
-            erlangs[p] += plan.rate_rps * o.invocations * o.service_s
-        latency = {s: picks[s][1].latency_s for s in plan.stages}
-        path = critical_path(plan.stages, plan.upstream, latency)
-        paths[d] = ([picks[s][0] for s in path], plan.target_s - sum(latency[s] for s in path))
+    counts, erlangs, invocation_rate, critical = _planned_traffic(model, x)
+    paths = {d: ([p for p, _ in stages], model.plans[d].target_s - sum(lat for _, lat in stages))
+             for d, stages in critical.items()}
     slots = [o.slots for o in model.pool_option]
 
     def tail(p: int, n: int) -> tuple[float, float]:
@@ -845,27 +854,11 @@ def colocate_pools(model: _Model, x: np.ndarray, quantile: float,
     of two or more, and a note per group.
     """
     problem = model.problem
-    counts = np.round(x[model.n0:model.n0 + model.np]).astype(int)
-    chosen: dict[int, dict[str, tuple[int, StageOption]]] = {}
-    for i, (d, s, o) in enumerate(model.x):
-        if x[i] > 0.5:
-            chosen.setdefault(d, {})[s] = (model.pool_of[i], o)
-    erlangs = np.zeros(model.np)
-    invocation_rate = np.zeros(model.np)
-    paths: dict[int, list[tuple[int, float]]] = {}  # demand -> (pool, stage latency) on its critical path
+    counts, erlangs, invocation_rate, paths = _planned_traffic(model, x)
     uses: dict[int, set[int]] = {}  # pool -> demands whose critical path uses it
-    for d, plan in enumerate(model.plans):
-        picks = chosen.get(d, {})
-        if len(picks) != len(plan.stages) or plan.rate_rps <= 0:
-            continue
-        for p, o in picks.values():
-            invocation_rate[p] += plan.rate_rps * o.invocations
-            erlangs[p] += plan.rate_rps * o.invocations * o.service_s
-        latency = {s: picks[s][1].latency_s for s in plan.stages}
-        path = critical_path(plan.stages, plan.upstream, latency)
-        paths[d] = [(picks[s][0], latency[s]) for s in path]
-        for s in path:
-            uses.setdefault(picks[s][0], set()).add(d)
+    for d, stages in paths.items():
+        for p, _ in stages:
+            uses.setdefault(p, set()).add(d)
     slots = [o.slots for o in model.pool_option]
     busy = {p: min(1.0, erlangs[p] / max(1, slots[p])) for p in range(model.np)}
 
