@@ -50,7 +50,8 @@ from policies.model import (
     Solution,
 )
 from policies.optimizer import (
-    StageOption, critical_path_s, knob_key, latency_target_s, optimize, stage_options, with_caps_lifted, with_instances,
+    StageOption, critical_path_s, knob_key, latency_target_s, optimize, stage_options, with_caps_lifted,
+    with_instances,
 )
 from policies.perf_model import power_cap_levels
 from policies.plan import Demand, StageChoice
@@ -127,7 +128,7 @@ class PlanningInputs:
                        incumbent=incumbent_of(running) if running is not None and self.switch_penalty > 0 else {},
                        switch_penalty=self.switch_penalty, price_weight_w=self.price_weight_w,
                        colocate_max_busy=self.colocate_max_busy,
-                       incumbent_colocate=running.colocate or () if running is not None else ())
+                       incumbent_colocate=(running.colocate or ()) if running is not None else ())
 
 
 def incumbent_of(solution: Solution) -> dict[tuple[Demand, str], tuple[InstanceConfig, str]]:
@@ -446,7 +447,7 @@ class MurakkabPolicy(_ForecastPolicy):
                       and state.utilization.get(c, 0.0) > self.scale_band.high), key=_config_key)
         if not self.lift_caps_on_bursts or not hot:
             return super()._react(state)
-        lifted, gain = with_caps_lifted(self.solution, hot, self.inputs.perf, self.inputs.catalog, state.hardware)
+        lifted, gain = with_caps_lifted(self.solution, hot, self.inputs.perf, self.inputs.catalog)
         if not gain:
             return super()._react(state)
         self.solution = lifted
@@ -464,4 +465,3 @@ class MurakkabPolicy(_ForecastPolicy):
         if scaled is None:
             return Decision(self.solution, f"{self.name}: reactive, {lift}")
         return Decision(scaled.solution, f"{scaled.reason}; {lift}")
-

@@ -32,12 +32,12 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
 
 from common.workflow.catalog import ExecutorSpec
+from policies.colocation import slowdowns
 from policies.model import HardwareType, InstanceConfig, Perf, PerfModel, PredictedDemand, Problem, Solution
 from policies.perf_model import (
     MAX_TP, devices_per_instance, knob_settings, model_memory_bytes, option_accuracy, runs_on_gpu,
 )
 from policies.plan import SLO_DIMENSIONS, SLO_TIERS, Demand, StageChoice
-from policies.colocation import slowdowns
 from policies.queueing import probability_waits_within, wait_tail
 
 _EPS = 1e-9
@@ -845,13 +845,13 @@ def colocate_pools(model: _Model, x: np.ndarray, quantile: float,
                    max_busy: float) -> tuple[tuple[tuple[InstanceConfig, ...], ...], tuple[str, ...]]:
     """Groups of one-instance GPU pools to run on the same devices (``policies.colocation``).
 
-    Candidates: pools of one instance on GPUs. Pools of the same hardware, tp and power cap join a group,
-    busiest first (the running plan's groups, ``Problem.incumbent_colocate``, first and with
-    ``COLOCATION_HYSTERESIS`` more room), while the group's busy fractions add up to at most ``max_busy``, its models fit one
-    device's memory together, and every demand whose critical path uses a member still meets its
-    latency target at ``quantile`` (waits included, as in ``size_for_queueing``) with the members
-    slowed by sharing, or, for a demand below the quantile already, loses nothing. Returns the groups
-    of two or more, and a note per group.
+    Candidates: pools of one instance on GPUs. Pools of the same hardware, tp and power cap join a
+    group, busiest first (the running plan's groups, ``Problem.incumbent_colocate``, first and with
+    ``COLOCATION_HYSTERESIS`` more room), while the group's busy fractions add up to at most
+    ``max_busy``, its models fit one device's memory together, and every demand whose critical path
+    uses a member still meets its latency target at ``quantile`` (waits included, as in
+    ``size_for_queueing``) with the members slowed by sharing, or, for a demand below the quantile
+    already, loses nothing. Returns the groups of two or more, and a note per group.
     """
     problem = model.problem
     counts, erlangs, invocation_rate, paths = _planned_traffic(model, x)
@@ -1056,8 +1056,7 @@ def with_instances(solution: Solution, instances: Mapping[InstanceConfig, int]) 
 
 
 def with_caps_lifted(solution: Solution, configs: Sequence[InstanceConfig], perf: PerfModel,
-                     catalog: Mapping[str, ExecutorSpec], hardware: Mapping[str, HardwareType]
-                     ) -> tuple[Solution, dict[InstanceConfig, float]]:
+                     catalog: Mapping[str, ExecutorSpec]) -> tuple[Solution, dict[InstanceConfig, float]]:
     """The same plan with these capped pools uncapped (a burst's first answer: a limit rises in
     milliseconds, an engine starts in tens of seconds), and each lifted pool's capacity gain.
 
