@@ -8,12 +8,14 @@ from dataclasses import replace
 
 import pytest
 
+from controller.simulator.engine import Simulator
+from controller.simulator.run import run_simulation
 from policies.colocation import MAX_CONTENTION, slowdowns
-from policies.model import InstanceConfig
 from policies.optimizer import optimize, with_instances
 from policies.placement import PlacementLimits, place
 from tests.unit.test_optimizer import day_mix
 from tests.unit.test_placement import CATALOG, cfg, node, where
+from tests.unit.test_simulator import ScriptedPolicy, _planned, parse, short, smoke_document
 
 # --- the interference model -------------------------------------------------------------------------
 
@@ -124,15 +126,9 @@ def test_current_instances_gather_into_their_group_and_split_when_it_ends() -> N
 
 
 def test_a_group_that_does_not_fit_one_gpu_is_placed_apart() -> None:
-    big = replace(cfg("big"))
-    chat = cfg("chat")  # 50 + 30 GiB > one H100's 79.6 GiB
+    big, chat = cfg("big"), cfg("chat")  # 50 + 30 GiB > one H100's 79.6 GiB
     result = place({big: 1, chat: 1}, [node("n1", gpus=2)], CATALOG, colocate=[(big, chat)])
     assert len(set(where(result))) == 2 and not result.unplaced
-
-
-def test_instance_configs_are_hashable_group_members() -> None:
-    assert {InstanceConfig("a", "h100", 2, None), InstanceConfig("a", "h100", 2, None)} == \
-        {InstanceConfig("a", "h100", 2, None)}
 
 
 def test_the_running_plans_groups_are_kept_first() -> None:
@@ -160,10 +156,6 @@ def test_the_running_plans_groups_are_kept_first() -> None:
 
 
 # --- the simulator -----------------------------------------------------------------------------------
-
-from tests.unit.test_simulator import ScriptedPolicy, _planned, parse, short, smoke_document  # noqa: E402
-from controller.simulator.engine import Simulator  # noqa: E402
-from controller.simulator.run import run_simulation  # noqa: E402
 
 
 def _smoke(duration_s: float, **control):
