@@ -458,3 +458,4 @@ def test_lifting_caps_on_a_burst_recaps_in_place_and_sheds_less() -> None:
     assert any("lifted" in r for r in reasons) and not any("lifted" in r for r in plain_reasons)
     assert lifted["requests"]["dropped"] <= scaled["requests"]["dropped"]
     assert lifted["slo_attainment"]["overall"] >= scaled["slo_attainment"]["overall"] - 1e-4
+    assert lifted["components_started"] <= scaled["components_started"]  # a lifted cap restarts nothing
