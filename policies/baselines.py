@@ -451,14 +451,16 @@ class MurakkabPolicy(_ForecastPolicy):
         if not gain:
             return super()._react(state)
         self.solution = lifted
+
+        def moved(config: InstanceConfig) -> InstanceConfig:
+            return replace(config, power_cap_w=None) if config in gain else config
+
         utilization: dict[InstanceConfig, float] = {}
         instances: dict[InstanceConfig, int] = {}
         for config, u in state.utilization.items():  # readings and counts move to the uncapped configs
-            target = replace(config, power_cap_w=None) if config in gain else config
-            utilization[target] = max(utilization.get(target, 0.0), u / gain.get(config, 1.0))
+            utilization[moved(config)] = max(utilization.get(moved(config), 0.0), u / gain.get(config, 1.0))
         for config, n in state.instances.items():
-            target = replace(config, power_cap_w=None) if config in gain else config
-            instances[target] = instances.get(target, 0) + n
+            instances[moved(config)] = instances.get(moved(config), 0) + n
         lift = "; ".join(f"{c.executor}@{c.hardware}: cap {c.power_cap_w:g} W lifted "
                          f"({state.utilization[c]:.0%} busy, {gain[c]:.2f}x faster)" for c in gain)
         scaled = super()._react(replace(state, utilization=utilization, instances=instances))

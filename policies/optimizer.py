@@ -23,7 +23,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -761,6 +761,13 @@ def _planned_traffic(model: _Model, x: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return counts, erlangs, invocation_rate, paths
 
 
+def _pool_wait_tail(servers: int, erlangs: float, invocation_rate: float, slowdown: float = 1.0
+                    ) -> tuple[float, float]:
+    """A pool's wait (Erlang C) with its service times ``slowdown`` times as long."""
+    mean_s = erlangs * slowdown / invocation_rate if invocation_rate > 0 else 0.0
+    return wait_tail(servers, erlangs * slowdown, mean_s)
+
+
 def size_for_queueing(model: _Model, x: np.ndarray, quantile: float) -> tuple[np.ndarray, tuple[str, ...]]:
     """Add instances until each served demand meets its latency target, waits included, at ``quantile``.
 
@@ -778,8 +785,7 @@ def size_for_queueing(model: _Model, x: np.ndarray, quantile: float) -> tuple[np
     slots = [o.slots for o in model.pool_option]
 
     def tail(p: int, n: int) -> tuple[float, float]:
-        mean_s = erlangs[p] / invocation_rate[p] if invocation_rate[p] > 0 else 0.0
-        return wait_tail(n * slots[p], erlangs[p], mean_s)
+        return _pool_wait_tail(n * slots[p], erlangs[p], invocation_rate[p])
 
     def within(d: int, grown: int | None = None) -> float:
         pools, budget_s = paths[d]
@@ -864,22 +870,19 @@ def colocate_pools(model: _Model, x: np.ndarray, quantile: float,
 
     def within(d: int, factor: Mapping[int, float]) -> float:
         budget_s = model.plans[d].target_s - sum(lat * factor.get(p, 1.0) for p, lat in paths[d])
-        tails = []
-        for p, _ in paths[d]:
-            f = factor.get(p, 1.0)
-            mean_s = erlangs[p] * f / invocation_rate[p] if invocation_rate[p] > 0 else 0.0
-            tails.append(wait_tail(counts[p] * slots[p], erlangs[p] * f, mean_s))
-        return probability_waits_within(budget_s, tails)
+        return probability_waits_within(budget_s, [
+            _pool_wait_tail(counts[p] * slots[p], erlangs[p], invocation_rate[p], factor.get(p, 1.0))
+            for p, _ in paths[d]])
 
     before = {d: within(d, {}) for d in paths}
 
-    def memory_per_device(p: int) -> int:
-        o = model.pool_option[p]
-        exe = problem.catalog.get(o.executor)
-        return math.ceil(model_memory_bytes(exe) / o.config.tp) if exe is not None else 0
-
     candidates = [p for p in range(model.np) if counts[p] == 1 and
                   problem.hardware[model.pool_option[p].config.hardware].kind == "gpu"]
+    memory_per_device = {}
+    for p in candidates:
+        o = model.pool_option[p]
+        exe = problem.catalog.get(o.executor)
+        memory_per_device[p] = math.ceil(model_memory_bytes(exe) / o.config.tp) if exe is not None else 0
 
     def joins(group: list[int], p: int, limit: float = max_busy) -> bool:
         head, config = model.pool_option[group[0]].config, model.pool_option[p].config
@@ -888,7 +891,7 @@ def colocate_pools(model: _Model, x: np.ndarray, quantile: float,
         members = group + [p]
         if sum(busy[q] for q in members) > limit + _EPS:
             return False
-        if sum(memory_per_device(q) for q in members) > problem.hardware[config.hardware].memory_bytes:
+        if sum(memory_per_device[q] for q in members) > problem.hardware[config.hardware].memory_bytes:
             return False
         factor = dict(zip(members, slowdowns([busy[q] for q in members])))
         touched = set().union(*(uses.get(q, set()) for q in members))
@@ -980,8 +983,7 @@ def _extract(problem: Problem, model: _Model, x: np.ndarray, status: str,
     power_w = sum(n * busy[c] for c, n in instances.items())
     cost = sum(n * price[c] for c, n in instances.items())
     average_w = sum(n * idle[c] for c, n in instances.items()) + dynamic_w
-    # Co-located instances share their devices, which idle once (at the busiest member's idle draw).
-    average_w -= sum(sum(idle[c] for c in group) - max(idle[c] for c in group) for group in colocate or ())
+    average_w -= _shared_idle_w(colocate or (), idle)
     objective = {"energy": average_w, "cost": cost, "accuracy": accuracy_sum}[problem.objective]
     binding = _binding(problem, model, counts, predicted)
     if unserved:
@@ -1044,15 +1046,25 @@ def with_instances(solution: Solution, instances: Mapping[InstanceConfig, int]) 
     idle_change = sum((known.get(c, 0) - solution.instances.get(c, 0)) * solution.instance_idle_power_w[c]
                       for c in set(known) | set(solution.instances) if c in solution.instance_idle_power_w)
     # A co-located pool that scaling resizes is no longer a one-instance pool: it gets devices of its own.
-    colocate = solution.colocate
-    shared_idle = []
-    if colocate is not None:
-        colocate = tuple(g for g in solution.colocate if all(known.get(c, 0) == 1 for c in g))
-        shared_idle = [sum(solution.instance_idle_power_w[c] for c in g) - max(solution.instance_idle_power_w[c]
-                                                                               for c in g)
-                       for g in solution.colocate if g not in colocate]
+    colocate, unshared_w = _end_groups(solution, lambda group: any(known.get(c, 0) != 1 for c in group))
     return replace(solution, instances=known, power_w=power_w, cost_per_hour_usd=cost,
-                   average_power_w=solution.average_power_w + idle_change + sum(shared_idle), colocate=colocate)
+                   average_power_w=solution.average_power_w + idle_change + unshared_w, colocate=colocate)
+
+
+def _shared_idle_w(groups: Sequence[Sequence[InstanceConfig]], idle_w: Mapping[InstanceConfig, float]) -> float:
+    """Idle draw that co-location saves: a group's devices idle once, at its busiest member's idle draw."""
+    return sum(sum(idle_w[c] for c in group) - max(idle_w[c] for c in group) for group in groups)
+
+
+def _end_groups(solution: Solution, ends: Callable[[tuple[InstanceConfig, ...]], bool]
+                ) -> tuple[tuple[tuple[InstanceConfig, ...], ...] | None, float]:
+    """The solution's co-location groups without those ``ends`` picks, and the idle draw their members
+    add back now that they hold devices of their own."""
+    if solution.colocate is None:
+        return None, 0.0
+    ended = [g for g in solution.colocate if ends(g)]
+    return (tuple(g for g in solution.colocate if not ends(g)),
+            _shared_idle_w(ended, solution.instance_idle_power_w))
 
 
 def with_caps_lifted(solution: Solution, configs: Sequence[InstanceConfig], perf: PerfModel,
@@ -1095,9 +1107,7 @@ def with_caps_lifted(solution: Solution, configs: Sequence[InstanceConfig], perf
     old_dynamic = sum(solution.load.get(c, 0.0) * (solution.instance_busy_power_w.get(c, 0.0) -
                                                    solution.instance_idle_power_w.get(c, 0.0)) for c in solution.load)
     new_dynamic = sum(load.get(c, 0.0) * (busy.get(c, 0.0) - idle.get(c, 0.0)) for c in load)
-    colocate = solution.colocate
-    if colocate is not None:
-        colocate = tuple(g for g in colocate if not set(g) & set(lifted))
+    colocate, unshared_w = _end_groups(solution, lambda group: bool(set(group) & set(lifted)))
     keep = set(instances)
     return replace(solution, configs=configs_by_demand, instances=instances, load=load,
                    instance_busy_power_w={c: v for c, v in busy.items() if c in keep},
@@ -1106,5 +1116,6 @@ def with_caps_lifted(solution: Solution, configs: Sequence[InstanceConfig], perf
                    instance_devices={c: v for c, v in devices.items() if c in keep},
                    power_w=sum(n * busy[c] for c, n in instances.items()),
                    cost_per_hour_usd=sum(n * price[c] for c, n in instances.items()),
-                   average_power_w=solution.average_power_w + new_dynamic - old_dynamic, colocate=colocate), gain
+                   average_power_w=solution.average_power_w + new_dynamic - old_dynamic + unshared_w,
+                   colocate=colocate), gain
 

@@ -227,10 +227,13 @@ class _Dev:
     used_bytes: int = 0
     dyn_w: float = 0.0
     limit_w: float | None = None  # fixed by the first instance placed on it
-    instances: int = 0
     loaded_idle_w: float = 0.0  # idle with an engine loaded (a CUDA context held); 0: idle_w
     floor_w: float = 0.0  # the most any instance on it is modeled to draw at its cap (may exceed the cap)
     configs: list[InstanceConfig] = field(default_factory=list)  # of the instances placed on it
+
+    @property
+    def instances(self) -> int:
+        return len(self.configs)
 
     @property
     def key(self) -> DeviceKey:
@@ -612,7 +615,6 @@ class _Placer:
             dev.used_bytes += need.memory_bytes_per_device
             dev.dyn_w += self.dyn_w(need, dev, fit.limit_w)
             dev.limit_w = fit.limit_w
-            dev.instances += 1
             dev.floor_w = max(dev.floor_w, need.busy_w_per_device or 0.0)
             dev.configs.append(config)
             if dev.rack is not None:

@@ -432,9 +432,6 @@ class Simulator:
         return [self._node_state_cache[n] for n in sorted(self.nodes)]
 
     def _place(self, solution: Solution, current: list[PlacedComponent]) -> PlacementResult:
-        if solution.colocate is None:  # keeps working with a place_fn that predates co-location
-            return self.place_fn(solution.instances, self._node_states(), self.scenario.catalog, current, self.limits,
-                                 perf=self.perf, hardware=self.hardware)
         return self.place_fn(solution.instances, self._node_states(), self.scenario.catalog, current, self.limits,
                              perf=self.perf, hardware=self.hardware, colocate=solution.colocate)
 

@@ -210,11 +210,14 @@ class ServiceModel:
         unslowed); a pool's factor is the mean over its ready instances."""
         if not shared:
             return {}
-        busy = {c: min(1.0, erlangs.get(c, 0.0) / (n * self.judge.slots(c))) for c, n in ready.items() if n > 0}
+        def busy(c: InstanceConfig) -> float:
+            n = ready.get(c, 0)
+            return min(1.0, erlangs.get(c, 0.0) / (n * self.judge.slots(c))) if n > 0 else 0.0
+
         total: dict[InstanceConfig, float] = {}
         count: dict[InstanceConfig, int] = {}
         for tenants in shared:
-            for config, f in zip(tenants, slowdowns([busy.get(c, 0.0) for c in tenants])):
+            for config, f in zip(tenants, slowdowns([busy(c) for c in tenants])):
                 total[config] = total.get(config, 0.0) + f
                 count[config] = count.get(config, 0) + 1
         factors = {}
