@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent.devices.base import Device, DeviceError, PowerLimitOutOfRange  # noqa: E402
-from agent.devices.calibration import (  # noqa: E402
+from common.devices.calibration import (  # noqa: E402
     CapPoint,
     calibrated_spec,
     compare,
@@ -54,7 +54,7 @@ from agent.devices.calibration import (  # noqa: E402
     fit_thermal_ramp,
     fit_thermal_ramp_two_pole,
 )
-from agent.devices.gpu_specs import gpu_spec  # noqa: E402
+from common.devices.gpu_specs import gpu_spec  # noqa: E402
 from common.protocol import DeviceTelemetry  # noqa: E402
 
 SAMPLE_INTERVAL_S = 0.1

@@ -12,7 +12,7 @@ The model, per instance of executor ``e`` on configuration (hardware ``h``, ``tp
   taken as measured on the reference hardware: the first of ``resources.gpu_models`` that names a known
   hardware type, else ``h100``, at the catalog's ``gpu_count``; CPU executors: the CPU.
 - Hardware: ``L = L0 * speed[ref] / speed[h] * (gpu_count / tp) ** TP_SCALING_EXPONENT``.
-- Power cap: the GPU's DVFS model (``agent.devices.sim.operating_point``) at the executor's utilization
+- Power cap: the GPU's DVFS model (``common.devices.physics.operating_point``) at the executor's utilization
   and bandwidth-bound share (``sim.utilization`` and ``sim.memory_bound_share``; vLLM:
   ``DEFAULT_GPU_UTILIZATION`` and ``DEFAULT_MEMORY_BOUND_SHARE``) and 25 C gives the clock and the
   per-device power under the cap; latency scales by the operating point's slowdown (the sim engine's
@@ -40,8 +40,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from agent.devices.gpu_specs import GPU_SPECS, GpuSpec
-from agent.devices.sim import operating_point
+from common.devices.gpu_specs import GPU_SPECS, GpuSpec
+from common.devices.physics import operating_point
 from common.workflow.catalog import ExecutorSpec
 from policies.model import HardwareType, InstanceConfig, Perf
 

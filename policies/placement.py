@@ -79,7 +79,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from agent.devices.gpu_specs import GPU_SPECS, GpuSpec
+from common.devices.gpu_specs import GPU_SPECS, GpuSpec
 from common.protocol import DeviceInfo, DeviceTelemetry
 from common.workflow.catalog import ExecutorSpec
 from policies.model import HardwareType, InstanceConfig, Perf, PerfModel

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent.devices.base import Device, DeviceError
 from agent.devices.cpu import CpuDevice, RaplCounter
-from agent.devices.gpu_specs import GPU_SPECS
+from common.devices.gpu_specs import GPU_SPECS
 from agent.devices.sim import SimFault, SimFaultSchedule, SimGpu, open_sim_devices
 
 log = logging.getLogger(__name__)

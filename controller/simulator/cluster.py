@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from agent.devices.gpu_specs import GPU_SPECS
+from common.devices.gpu_specs import GPU_SPECS
 from common.protocol.messages import ComponentReport
 from common.workflow.catalog import ExecutorSpec
 from controller.simulator.scenario import ScenarioSpecModel

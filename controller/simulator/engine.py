@@ -4,7 +4,7 @@ What runs for real: the policy (``decide``), placement (``policies.placement.pla
 reconciler (``controller.reconciler.Reconciler``, the class the controller daemon uses) driving
 simulated agents (``controller.simulator.cluster``) whose components take time to start.
 What is modeled: request service (``controller.simulator.service``), device power (the sim GPU's
-DVFS model, ``agent.devices.sim.operating_point``) and the request trace.
+DVFS model, ``common.devices.physics.operating_point``) and the request trace.
 
 Events sit in a heap ordered by (time, kind): component timers (ready after start-up, gone after
 draining) first, then policy decisions (every ``control.reactive_interval_s``; each policy keeps
@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.devices.gpu_specs import GPU_SPECS
-from agent.devices.sim import operating_point
+from common.devices.gpu_specs import GPU_SPECS
+from common.devices.physics import operating_point
 from controller.reconciler import (
     CommandDone, DesiredChanged, NodeReport, Reconciler, ReconcilerConfig, SendStart, SendStop, Tick,
 )

@@ -41,7 +41,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from agent.devices.gpu_specs import GPU_SPECS
+from common.devices.gpu_specs import GPU_SPECS
 from common.workflow.catalog import ExecutorSpec
 from common.workflow.loader import SpecError, load_catalog_file, load_workflow_file
 from common.workflow.spec import WorkflowSpec

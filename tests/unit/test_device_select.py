@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from agent.devices import nvml as nvml_backend
 from agent.devices.base import DeviceError
 from agent.devices.cpu import CpuDevice
-from agent.devices.gpu_specs import gpu_spec
+from common.devices.gpu_specs import gpu_spec
 from agent.devices.select import CpuSettings, SimSettings, fault_hook, open_devices
 from agent.devices.sim import SimGpu
 

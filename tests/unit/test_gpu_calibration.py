@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from agent.devices.calibration import (
+from common.devices.calibration import (
     CapPoint,
     calibrated_spec,
     compare,
@@ -17,8 +17,8 @@ from agent.devices.calibration import (
     fit_thermal_ramp,
     fit_thermal_ramp_two_pole,
 )
-from agent.devices.gpu_specs import gpu_spec
-from agent.devices.sim import operating_point
+from common.devices.gpu_specs import gpu_spec
+from common.devices.physics import operating_point
 
 H100 = gpu_spec("h100")
 

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.devices.gpu_specs import GPU_SPECS
-from agent.devices.sim import operating_point
+from common.devices.gpu_specs import GPU_SPECS
+from common.devices.physics import operating_point
 from common.workflow.catalog import ExecutorSpec
 from common.workflow.loader import load_catalog_file, load_workflow_file
 from common.workflow.spec import Ref, StageConstraints, StageSpec, WorkflowSpec

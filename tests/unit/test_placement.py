@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.devices.gpu_specs import GPU_SPECS
+from common.devices.gpu_specs import GPU_SPECS
 from common.protocol import DeviceInfo, DeviceTelemetry
 from common.workflow.catalog import ExecutorSpec
 from policies.model import HardwareType, InstanceConfig, Perf

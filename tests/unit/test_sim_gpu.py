@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.devices.base import DeviceError, PowerLimitOutOfRange
-from agent.devices.gpu_specs import GPU_SPECS, MIB, gpu_spec
+from common.devices.gpu_specs import GPU_SPECS, MIB, gpu_spec
 from agent.devices.sim import (
     POWER_NOISE_FRACTION,
     POWER_NOISE_MAX_SIGMAS,
@@ -19,8 +19,8 @@ from agent.devices.sim import (
     SimGpu,
     device_seed,
     open_sim_devices,
-    operating_point,
 )
+from common.devices.physics import operating_point
 from common.protocol import DeviceTelemetry
 
 H100 = gpu_spec("h100")

@@ -28,7 +28,8 @@ from typing import Any
 
 from agent.components.engines.base import Engine, EngineContext, EngineError
 from agent.components.sim_outputs import simulated_outputs
-from agent.devices.sim import SimGpu, operating_point
+from agent.devices.sim import SimGpu
+from common.devices.physics import operating_point
 from common.workflow.catalog import SimEngineSpec
 
 CRASH_EXIT_CODE = 1

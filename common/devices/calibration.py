@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from agent.devices.gpu_specs import GpuSpec
-from agent.devices.sim import operating_point
+from common.devices.gpu_specs import GpuSpec
+from common.devices.physics import operating_point
 
 
 @dataclass(frozen=True)

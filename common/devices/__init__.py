@@ -1,0 +1,1 @@
+"""Shared knowledge of devices: GPU specs, the DVFS and thermal operating point, calibration."""
