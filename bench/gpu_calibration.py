@@ -18,7 +18,7 @@ limits). It runs, in one process:
    limits read back as applied, the default limit restored at the end (also on failure).
 
 It then compares the sim model (``agent/devices/sim.operating_point``) with the measurements
-(``agent/devices/calibration``) and writes DIR/gpu_calibration.json and DIR/gpu_calibration.png.
+(``common/devices/calibration``) and writes DIR/gpu_calibration.json and DIR/gpu_calibration.png.
 ``--reanalyse DIR/gpu_calibration.json`` repeats the comparison against the model as it is now,
 without a GPU, and rewrites the analysis (and the plot) in place.
 ``--backend sim --torch-device cpu`` runs the same code path against a simulated GPU and CPU
