@@ -4,6 +4,8 @@ memory, rack power budgets and thermal headroom, and says which power limit each
 The optimizer decides how many instances of each ``InstanceConfig(executor, hardware, tp,
 power_cap_w)`` to run; ``place`` decides where. Pure: nodes, telemetry and limits in, a
 ``PlacementResult`` out; no clocks, sockets or files, and the same inputs give the same result.
+The fleet-state types, ``PlacementLimits`` and ``PlacementResult`` live in ``policies.fleet`` (re-exported
+here, ``__all__``); the placer's working types (needs, devices, fits) in ``policies.placement_types``.
 
 Rules, in the order they are applied:
 
@@ -76,201 +78,25 @@ import heapq
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import NamedTuple
 
-from common.devices.gpu_specs import GPU_SPECS, GpuSpec
-from common.protocol import DeviceInfo, DeviceTelemetry
+from common.devices.gpu_specs import GPU_SPECS
 from common.workflow.catalog import ExecutorSpec
+from policies.fleet import (
+    DeviceKey, DeviceState, NodeState, PlacementLimits, PlacementResult, device_state, temperature_trend_c_per_s,
+)
 from policies.model import HardwareType, InstanceConfig, Perf, PerfModel
 from policies.perf_model import hardware_key
+from policies.placement_types import _GIB, _Dev, _DevFit, _Fit, _Need
 from policies.plan import TOOL_CPU_OVERSUBSCRIPTION, PlacedComponent
+
+__all__ = [
+    "DeviceKey", "DeviceState", "NodeState", "PlacementLimits", "PlacementResult", "component_config", "device_state",
+    "hardware_key", "place", "temperature_trend_c_per_s",
+]
 
 FALLBACK_MAX_OPERATING_TEMPERATURE_C = 85.0  # GPUs without a spec: a typical datacenter part's limit
 FALLBACK_THERMAL_HORIZON_S = 60.0  # GPUs without a spec: about one thermal time constant
 _EPS = 1e-6
-_GIB = float(1 << 30)
-DeviceKey = tuple[str, int]
-
-
-# --- what placement knows about the fleet --------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DeviceState:
-    """One device with its latest telemetry; ``None`` where the backend cannot tell."""
-
-    index: int
-    kind: str  # "gpu" | "cpu"
-    model: str
-    hardware: str  # hardware type key: "h100", "a100", "l4", "cpu" (see ``hardware_key``)
-    simulated: bool
-    memory_total_bytes: int
-    memory_used_bytes: int = 0
-    temperature_c: float | None = None
-    power_w: float | None = None
-    power_limit_w: float | None = None  # applied now
-    power_limit_min_w: float | None = None
-    power_limit_max_w: float | None = None
-    temperature_trend_c_per_s: float | None = None  # recent slope of temperature_c (see temperature_trend_c_per_s)
-    power_limit_default_w: float | None = None  # None: power_limit_max_w
-    health: str = "ok"  # "ok" | "xid" | "lost"
-
-
-@dataclass(frozen=True)
-class NodeState:
-    """A node as placement sees it: its devices, host resources, labels (incl. the rack) and states."""
-
-    name: str
-    schedulable: bool
-    devices: tuple[DeviceState, ...]
-    cpu_cores: int
-    memory_total_bytes: int
-    labels: dict[str, str] = field(default_factory=dict)
-    liveness: str = "ready"  # "joining" | "ready" | "suspect" | "lost"
-    admin: str = "active"  # "active" | "draining" | "drained"
-
-
-@dataclass(frozen=True)
-class PlacementLimits:
-    rack_power_budget_w: dict[str, float] = field(default_factory=dict)  # rack label value -> W
-    rack_label: str = "rack"
-    max_temperature_c: float | None = None  # None: the GPU's max operating temperature - margin
-    temperature_margin_c: float = 5.0
-    thermal_horizon_s: float | None = None  # None: the GPU's thermal time constant R*C
-    ambient_c: float = 25.0  # inlet air or coolant temperature for the model-based prediction
-    spread: bool = True  # replicas of a config over racks and nodes when possible
-    sticky: bool = True  # keep current components where they still fit
-    allow_sharing: bool = True  # several instances on one GPU when memory allows
-    count_foreign_memory: bool = True  # subtract reported use on GPUs without current components
-    avoid: dict[tuple[str, str], str] = field(default_factory=dict)  # (executor, node) -> why not there for now
-
-
-@dataclass(frozen=True)
-class PlacementResult:
-    components: tuple[PlacedComponent, ...]
-    power_limits: dict[DeviceKey, float]  # (node, device index) -> W, for GPUs hosting instances
-    unplaced: dict[InstanceConfig, int]  # instances that found no place
-    notes: tuple[str, ...]
-    reasons: dict[InstanceConfig, str] = field(default_factory=dict)  # why each unplaced config found none
-    device_power_w: dict[DeviceKey, float] = field(default_factory=dict)  # predicted, GPUs hosting instances
-    device_temperature_c: dict[DeviceKey, float] = field(default_factory=dict)  # predicted steady, same GPUs
-    rack_power_w: dict[str, float] = field(default_factory=dict)  # predicted draw per rack
-
-
-def device_state(info: DeviceInfo, telemetry: DeviceTelemetry | None = None,
-                 temperature_trend_c_per_s: float | None = None) -> DeviceState:
-    """A DeviceState from a registration's ``DeviceInfo`` and the latest ``DeviceTelemetry``."""
-    t = telemetry
-    return DeviceState(
-        index=info.index, kind=info.kind, model=info.model, hardware=hardware_key(info.model, info.kind),
-        simulated=info.simulated, memory_total_bytes=info.memory_total_bytes,
-        memory_used_bytes=t.memory_used_bytes if t is not None else 0,
-        temperature_c=t.temperature_c if t is not None else None, power_w=t.power_w if t is not None else None,
-        power_limit_w=t.power_limit_w if t is not None else None, power_limit_min_w=info.power_limit_min_w,
-        power_limit_max_w=info.power_limit_max_w, temperature_trend_c_per_s=temperature_trend_c_per_s,
-        power_limit_default_w=info.power_limit_default_w, health=t.health if t is not None else "ok")
-
-
-def temperature_trend_c_per_s(samples: Sequence[tuple[float, float]]) -> float | None:
-    """Least-squares slope of (time_s, temperature_c) samples; None with fewer than two instants."""
-    if len(samples) < 2:
-        return None
-    mean_t = sum(t for t, _ in samples) / len(samples)
-    mean_c = sum(c for _, c in samples) / len(samples)
-    spread = sum((t - mean_t) ** 2 for t, _ in samples)
-    if spread <= 0.0:
-        return None
-    return sum((t - mean_t) * (c - mean_c) for t, c in samples) / spread
-
-
-# --- what one instance of a config needs ----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Need:
-    config: InstanceConfig
-    executor: ExecutorSpec
-    on_gpu: bool
-    memory_bytes_per_device: int
-    host_memory_bytes: int
-    cpu_weight: float  # host cores charged (cpu configs only)
-    needs_cpu_device: bool
-    busy_w_per_device: float | None  # from the perf model; None: the worst case (the power limit)
-    idle_w_per_device: float | None
-    cpu_power_w: float | None  # cpu configs: from the perf model; None: share of the package
-
-    def describe(self) -> str:
-        c = self.config
-        if not self.on_gpu:
-            text = f"{self.cpu_weight:g} cpu core(s)" + (" and a cpu device" if self.needs_cpu_device else "")
-        else:
-            cap = f" at {c.power_cap_w:g} W" if c.power_cap_w is not None else " uncapped"
-            text = f"{c.tp} {c.hardware} GPU(s) with {self.memory_bytes_per_device / _GIB:.1f} GiB free each{cap}"
-        if self.host_memory_bytes:
-            text += f", {self.host_memory_bytes / _GIB:.1f} GiB host memory"
-        return text
-
-
-@dataclass
-class _Dev:
-    """A GPU (or cpu device) and what this placement has put on it so far."""
-
-    node: str
-    state: DeviceState
-    rack: str | None
-    spec: GpuSpec | None
-    idle_w: float
-    default_limit_w: float | None
-    limit_c: float
-    foreign_bytes: int
-    used_bytes: int = 0
-    dyn_w: float = 0.0
-    limit_w: float | None = None  # fixed by the first instance placed on it
-    loaded_idle_w: float = 0.0  # idle with an engine loaded (a CUDA context held); 0: idle_w
-    floor_w: float = 0.0  # the most any instance on it is modeled to draw at its cap (may exceed the cap)
-    configs: list[InstanceConfig] = field(default_factory=list)  # of the instances placed on it
-
-    @property
-    def instances(self) -> int:
-        return len(self.configs)
-
-    @property
-    def key(self) -> DeviceKey:
-        return self.node, self.state.index
-
-    @property
-    def free_bytes(self) -> int:
-        return self.state.memory_total_bytes - self.foreign_bytes - self.used_bytes
-
-    def power_w(self, instances: int, dyn_w: float, limit_w: float | None, floor_w: float | None = None) -> float:
-        """Predicted draw: loaded idle plus the instances' dynamic power, held to the power limit, except
-        that bandwidth-bound work draws what the model says even above a deep cap (its memory power is
-        not the SM clock's to cut: 301 W at a 200 W limit on an H100)."""
-        if instances == 0:
-            return self.idle_w
-        draw = max(self.loaded_idle_w, self.idle_w) + dyn_w
-        if limit_w is None:
-            return draw
-        return min(draw, max(limit_w, self.floor_w if floor_w is None else floor_w))
-
-
-class _DevFit(NamedTuple):
-    limit_w: float | None  # the GPU's power limit with the instance
-    power_w: float  # its predicted draw
-    temperature_c: float | None  # its predicted steady temperature; None: unknown
-
-
-@dataclass(frozen=True)
-class _Fit:
-    """One way to put an instance on a node: devices, and their power and temperature afterwards."""
-
-    devices: tuple[int, ...]
-    limit_w: float | None
-    delta_w: float  # added to the rack
-    temperature_after_c: float  # hottest of the devices; -inf when unknown or cpu
-    shares: bool
-    with_partner: bool = False  # every device holds instances of the config's co-location group only
 
 
 # --- the placer ---------------------------------------------------------------------------------
