@@ -40,7 +40,8 @@ class DeviceState:
     power_limit_max_w: float | None = None
     temperature_trend_c_per_s: float | None = None  # recent slope of temperature_c (see temperature_trend_c_per_s)
     power_limit_default_w: float | None = None  # None: power_limit_max_w
-    health: str = "ok"  # "ok" | "xid" | "lost"
+    health: str = "ok"  # "ok" | "xid" | "lost" ("hot": the autopilot evacuates it)
+    throttle_reasons: tuple[str, ...] = ()  # NVML clocks-event reasons in the latest sample
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,8 @@ def device_state(info: DeviceInfo, telemetry: DeviceTelemetry | None = None,
         temperature_c=t.temperature_c if t is not None else None, power_w=t.power_w if t is not None else None,
         power_limit_w=t.power_limit_w if t is not None else None, power_limit_min_w=info.power_limit_min_w,
         power_limit_max_w=info.power_limit_max_w, temperature_trend_c_per_s=temperature_trend_c_per_s,
-        power_limit_default_w=info.power_limit_default_w, health=t.health if t is not None else "ok")
+        power_limit_default_w=info.power_limit_default_w, health=t.health if t is not None else "ok",
+        throttle_reasons=tuple(t.throttle_reasons) if t is not None else ())
 
 
 def temperature_trend_c_per_s(samples: Sequence[tuple[float, float]]) -> float | None:

@@ -69,3 +69,19 @@ class EwmaForecast:
 
     def demands(self) -> tuple[Demand, ...]:
         return tuple(self._state)
+
+    def snapshot(self) -> list[dict[str, object]]:
+        """The state per demand as JSON-able rows, for a controller restart."""
+        return [{"workflow": d.workflow, "slo": [list(p) for p in d.slo], "mean_rps": s.mean_rps,
+                 "variance": s.variance, "windows": s.windows} for d, s in self._state.items()]
+
+    def restore(self, rows: list[dict[str, object]]) -> None:
+        """Take back what ``snapshot`` wrote; rows that do not parse are skipped."""
+        for row in rows:
+            try:
+                demand = Demand(str(row["workflow"]), tuple((str(k), str(v)) for k, v in row["slo"]))  # type: ignore
+                state = _State(float(row["mean_rps"]), float(row["variance"]), int(row["windows"]))  # type: ignore
+            except (KeyError, TypeError, ValueError):
+                continue
+            if state.mean_rps >= 0 and state.variance >= 0 and math.isfinite(state.mean_rps + state.variance):
+                self._state[demand] = state

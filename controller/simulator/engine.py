@@ -1,25 +1,25 @@
-"""The discrete-event cluster simulator: virtual time, the real planning and control cores.
+"""The discrete-event cluster simulator: virtual time, a thin shell around the autopilot.
 
-What runs for real: the policy (``decide``), placement (``policies.placement.place``) and the
-reconciler (``controller.reconciler.Reconciler``, the class the controller daemon uses) driving
-simulated agents (``controller.simulator.cluster``) whose components take time to start.
+What runs for real: the autopilot (``policies.autopilot``: the planning core, placement and
+make-before-break rollouts, the object the controller daemon runs too) and the reconciler
+(``controller.reconciler.Reconciler``, the daemon's class) driving simulated agents
+(``controller.simulator.cluster``) whose components take time to start. The shell feeds the
+autopilot the fleet, one load window per decision (every ``control.reactive_interval_s``) and
+component states, solves the MILPs it asks for inline, and carries out its actions.
 What is modeled: request service (``controller.simulator.service``), device power (the sim GPU's
-DVFS model, ``common.devices.physics.operating_point``) and the request trace.
+DVFS model, ``common.devices.physics.operating_point``) and the request trace. Device telemetry
+(temperature, measured power) is not modeled per device, so the autopilot's heat and budget
+reactions have nothing to react to here.
 
 Events sit in a heap ordered by (time, kind): component timers (ready after start-up, gone after
-draining) first, then policy decisions (every ``control.reactive_interval_s``; each policy keeps
-its own planning epoch and reactive rules), then service steps (every ``step_s``). Between
+draining) first, then policy decisions, then service steps (every ``step_s``). Between
 events nothing changes, so energy, GPU-hours and cost integrate exactly as piecewise-constant
 power times time. Service within a step uses the pools that are ready at its start.
 
-A new plan that changes which pool serves some (workflow, tier, stage), or that moves a
-component to other devices (co-location gathers or splits them), is rolled out make before
-break: components the new placement drops keep serving the old routing until every pool of the
-new plan has its placed instances ready (or ``control.switch_timeout_s`` passes); then routing
-switches and the old components are stopped. Plans that only change instance counts or
-power caps apply at once (placement keeps components in place and moves caps without restarts);
-while a rollout is pending, instances of one executor, hardware and tp serve the old routing
-whatever cap the new plan has already moved them to (``ServiceModel.evaluate``'s ``merge_caps``).
+Rollouts follow ``policies.autopilot.rollout``: the old routing serves until every new component
+is ready (``control.switch_timeout_s`` bounds the wait). While a rollout is pending, instances of
+one executor, hardware and tp serve the old routing whatever cap the new plan has already moved
+them to (``ServiceModel.evaluate``'s ``merge_caps``).
 """
 
 from __future__ import annotations
@@ -30,16 +30,14 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from common.devices.gpu_specs import GPU_SPECS
 from common.devices.physics import operating_point
-from controller.reconciler import (
-    CommandDone, DesiredChanged, NodeReport, Reconciler, ReconcilerConfig, SendStart, SendStop, Tick,
-)
+from controller.reconciler import DesiredChanged as DesiredChanged_
+from controller.reconciler import CommandDone, NodeReport, Reconciler, ReconcilerConfig, SendStart, SendStop, Tick
 from controller.simulator.cluster import (
     SimAgents, SimComponent, SimNode, Timer, build_nodes, config_of, rack_budgets, startup_s,
 )
@@ -48,48 +46,34 @@ from controller.simulator.scenario import Scenario
 from controller.simulator.service import RouteTable, ServiceModel, StepOutcome
 from controller.simulator.slo import SloJudge
 from controller.simulator.trace import generate_arrivals
+from policies.autopilot.engine import Autopilot, AutopilotConfig
+from policies.autopilot.events import (
+    ComponentsObserved, DesiredChanged, FleetObserved, LoadObserved, Note, RoutingChanged, Solve, Solved,
+)
+from policies.autopilot.events import Tick as AutopilotTick
 from policies.model import HardwareType, InstanceConfig, PerfModel, SloTargets, Solution
+from policies.optimizer import optimize
 from policies.perf_model import gpu_activity
-from policies.placement import DeviceState, NodeState, PlacementLimits, PlacementResult, place
+from policies.placement import DeviceState, NodeState, PlacementLimits
 from policies.plan import SLO_DIMENSIONS, SLO_TIERS, Demand, PlacedComponent
 
 TIMER, DECIDE, STEP = 0, 1, 2  # event order at equal times
 MAX_REPORTED_UTILIZATION = 10.0  # overloaded pools report at most this (offered erlangs / slots)
-PlaceFn = Callable[..., PlacementResult]
-
-
-def _default_state_factory(**fields: Any) -> Any:
-    from policies.baselines import ClusterState  # the policies' own view type
-    return ClusterState(**fields)
-
-
 def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
-
-
-@dataclass
-class _Rollout:
-    """A plan whose routing waits for its new pools to become ready."""
-
-    solution: Solution
-    since_s: float
 
 
 class Simulator:
     """One policy on one scenario; ``run()`` returns the report (see ``controller.simulator.report``)."""
 
     def __init__(self, scenario: Scenario, policy: Any, *, perf: PerfModel, hardware: Mapping[str, HardwareType],
-                 place_fn: PlaceFn = place, slo: SloTargets | None = None,
-                 state_factory: Callable[..., Any] = _default_state_factory,
-                 wall_clock: Callable[[], float] = time.perf_counter) -> None:
+                 slo: SloTargets | None = None, wall_clock: Callable[[], float] = time.perf_counter) -> None:
         self.scenario = scenario
         self.spec = scenario.spec
         self.control = scenario.spec.control
         self.policy = policy
         self.perf = perf
         self.hardware = dict(hardware)
-        self.place_fn = place_fn
-        self.state_factory = state_factory
         self.wall_clock = wall_clock
         self.nodes: dict[str, SimNode] = {n.name: n for n in build_nodes(self.spec)}
         missing = sorted({n.hardware for n in self.nodes.values()} - set(self.hardware))
@@ -115,12 +99,18 @@ class Simulator:
         self.limits = PlacementLimits(
             rack_power_budget_w={rack: w for rack, w in rack_budgets(self.spec).items() if w is not None},
             ambient_c=self.spec.cluster.ambient_c)
+        name = getattr(policy, "name", "murakkab")
+        self.autopilot = Autopilot(AutopilotConfig(
+            preset=name, switch_timeout_s=self.control.switch_timeout_s, limits=self.limits,
+            react_to_heat=name == "murakkab"), policy)
         # plan state
         self.desired: dict[str, PlacedComponent] = {}
         self.plan: tuple[PlacedComponent, ...] = ()  # the latest placement (without retained components)
-        self.active: Solution | None = None  # routes requests
-        self.rollout: _Rollout | None = None
+        self.active: Solution | None = None  # routes requests (the autopilot's routed plan)
+        self.rollout_pending = False  # a new plan waits for its components while the old one serves
         self.routes: RouteTable | None = None
+        self._solve_wall_s = 0.0
+        self._decided: tuple[str, bool] | None = None  # this decision's kind and whether it changed anything
         self.first_plan = True
         # counters kept incrementally (see _track)
         self.groups: Counter[tuple[InstanceConfig, str]] = Counter()
@@ -154,6 +144,7 @@ class Simulator:
         duration = self.spec.duration_s
         for name in sorted(self.nodes):
             self._feed(NodeReport(name, True, (), 0.0), 0.0)
+        self._observe_fleet(0.0)
         tick_s = getattr(self.policy, "tick_s", self.control.reactive_interval_s)
         t = 0.0
         while t < duration - 1e-9:
@@ -351,7 +342,7 @@ class Simulator:
             return
         self._track(comp, old, "ready" if timer.kind == "ready" else None)  # type: ignore[arg-type]
         self._feed(NodeReport(timer.node, True, self.agents.reports(timer.node), now_s), now_s)
-        self._maybe_switch(now_s)
+        self._components_changed(timer.node, now_s)
 
     # --- decisions ---------------------------------------------------------------------------------
 
@@ -371,36 +362,85 @@ class Simulator:
                 counts[live.config] += 1
         return dict(counts)
 
+    def _observe_fleet(self, now_s: float) -> None:
+        self._carry_out(self.autopilot.handle(FleetObserved(now_s, tuple(self._node_states()), self.hardware,
+                                                            dict(self.devices_total))), now_s)
+
     def _decide(self, now_s: float) -> None:
         self._feed(Tick(now_s), now_s)
+        self._observe_fleet(now_s)
         observed = self._observed(now_s)
         utilization = {c: float(np.mean(v)) for c, v in self.window_util.items() if v}
-        state = self.state_factory(hardware=self.hardware, devices_available=dict(self.devices_total),
-                                   instances=self._instances_now(), utilization=utilization,
-                                   peak_rates=dict(self.peak_rates))
         started = self.wall_clock()
-        decision = self.policy.decide(now_s, observed, state)
+        self._solve_wall_s = 0.0
+        self._decided = None
+        actions = self.autopilot.handle(LoadObserved(now_s, observed, utilization, self._instances_now(),
+                                                     dict(self.peak_rates)))
         self.window_steps = []
         self.window_util = {}
         self.window_start_s = now_s
         self.recorder.decisions += 1
-        if decision is None:
-            return
-        kind = "reactive" if "reactive" in decision.reason.lower() else "plan"
-        solution = decision.solution
-        if kind == "plan":
-            self.recorder.plan_statuses[solution.status] = self.recorder.plan_statuses.get(solution.status, 0) + 1
-        if solution.status.startswith("error") or (not solution.instances and solution.unserved):
-            # A failed plan would stop everything; a controller keeps running the last good one.
-            self.recorder.event(now_s, "plan refused", {"status": solution.status, "reason": decision.reason})
-            self.recorder.timing(kind, self.wall_clock() - started, 0.0)
-            return
-        placed_at = self.wall_clock()
-        changed = self._apply(solution, now_s)
-        done = self.wall_clock()
-        self.recorder.timing(kind, done - started, done - placed_at)
-        if changed:
-            self.recorder.plan_changes += 1
+        self._carry_out(actions, now_s)
+        if self._decided is not None:
+            kind, changed = self._decided
+            total = self.wall_clock() - started
+            self.recorder.timing(kind, total, max(0.0, total - self._solve_wall_s))
+            if changed:
+                self.recorder.plan_changes += 1
+
+    def _carry_out(self, actions: list[Any], now_s: float) -> None:
+        """Do what the autopilot says: solve its MILPs inline, hand its components to the reconciler,
+        route by its active plan, and record its notes. Power limits and routing weights from heat and
+        budget reactions are not modeled here (the simulated fleet reports no telemetry to react to)."""
+        queue = list(actions)
+        while queue:
+            action = queue.pop(0)
+            if isinstance(action, Solve):
+                solve_started = self.wall_clock()
+                solution = optimize(action.problem)
+                self._solve_wall_s += self.wall_clock() - solve_started
+                queue.extend(self.autopilot.handle(Solved(action.request_id, solution, now_s)))
+            elif isinstance(action, DesiredChanged):
+                self._desire(action, now_s)
+            elif isinstance(action, RoutingChanged):
+                if action.active is not self.active:
+                    switched = self.active is not None and self.rollout_pending
+                    self.active = action.active
+                    self.routes = None
+                    if switched:
+                        self.window_util = {}
+                        self.recorder.switches += 1
+                self.rollout_pending = self.autopilot.rollout.pending is not None
+            elif isinstance(action, Note):
+                self._note(action)
+
+    def _note(self, note: Note) -> None:
+        if note.kind in ("plan", "reactive", "replace"):
+            kind = "reactive" if note.kind == "reactive" else "plan"
+            if note.kind == "plan":
+                status = str(note.details.get("status", "?"))
+                self.recorder.plan_statuses[status] = self.recorder.plan_statuses.get(status, 0) + 1
+            if "unplaced" in note.details:
+                self.recorder.event(note.now_s, "unplaced", dict(note.details["unplaced"]))
+            changed = bool(note.details.get("changed")) or bool(note.details.get("routing_changed"))
+            previous = self._decided[1] if self._decided is not None else False
+            self._decided = (kind, changed or previous)
+        elif note.kind == "plan-refused":
+            self.recorder.plan_statuses[str(note.details.get("status", "?"))] = \
+                self.recorder.plan_statuses.get(str(note.details.get("status", "?")), 0) + 1
+            self.recorder.event(note.now_s, "plan refused", {"status": note.details.get("status"),
+                                                             "reason": note.reason})
+            self._decided = ("plan", False)
+
+    def _desire(self, action: DesiredChanged, now_s: float) -> None:
+        desired = {c.component_id: c for c in action.components}
+        self.plan = self.autopilot.rollout.plan
+        if desired != self.desired:
+            self.desired = desired
+            if self.agents.recap(desired):
+                self._regroup()
+            self._feed(DesiredChanged_(tuple(sorted(desired.values(), key=lambda c: c.component_id)), now_s), now_s)
+        self.first_plan = False
 
     def _node_states(self) -> list[NodeState]:
         """What placement sees: devices with the memory live components hold and the caps set on them.
@@ -431,76 +471,6 @@ class Simulator:
         self._dirty_nodes.clear()
         return [self._node_state_cache[n] for n in sorted(self.nodes)]
 
-    def _place(self, solution: Solution, current: list[PlacedComponent]) -> PlacementResult:
-        return self.place_fn(solution.instances, self._node_states(), self.scenario.catalog, current, self.limits,
-                             perf=self.perf, hardware=self.hardware, colocate=solution.colocate)
-
-    def _config_of(self, comp: PlacedComponent) -> InstanceConfig:
-        return config_of(comp, self.nodes[comp.node], self.scenario.catalog[comp.executor])
-
-    def _apply(self, solution: Solution, now_s: float) -> bool:
-        """Place a new solution and hand the components to the reconciler; True when anything changed."""
-        current = sorted(self.desired.values(), key=lambda c: c.component_id)
-        result = self._place(solution, current)
-        routing_changes = self.active is None or RouteTable.routing_of(self.active) != \
-            RouteTable.routing_of(solution)
-        retained: list[PlacedComponent] = []
-        kept_ids = {c.component_id for c in result.components}
-        dropped = [c for c in current if c.component_id not in kept_ids]
-        if dropped and self.active is not None:
-            if routing_changes:  # the old routing's components serve until the new pools are ready
-                serving = set(self.active.instances)
-                dropped = [c for c in dropped if self._config_of(c) in serving]
-            else:  # components that move (co-location gathers or splits them) serve until their successors are ready
-                current_ids = {c.component_id for c in current}
-                fresh = Counter(self._config_of(c) for c in result.components if c.component_id not in current_ids)
-                dropped = [c for c in dropped if fresh[self._config_of(c)] > 0]
-            if dropped:
-                kept = [c for c in current if c.component_id in kept_ids]
-                second = self._place(solution, kept)
-                if sum(second.unplaced.values()) <= sum(result.unplaced.values()):
-                    result, retained = self._distinct_ids(second, dropped), dropped
-        if result.unplaced:
-            self.recorder.event(now_s, "unplaced", {f"{c.executor}@{c.hardware}x{c.tp}"
-                                                    f"{'' if c.power_cap_w is None else f'@{c.power_cap_w:g}W'}":
-                                                    f"{n}: {result.reasons.get(c, '')}"
-                                                    for c, n in sorted(result.unplaced.items(), key=str)})
-        before = dict(self.desired)
-        self.plan = result.components
-        desired = {c.component_id: c for c in result.components}
-        for comp in retained:
-            desired.setdefault(comp.component_id, comp)
-        self.desired = desired
-        if self.first_plan or not (routing_changes or retained):
-            self.active = solution
-            self.routes = None
-            self.rollout = None
-        else:
-            self.rollout = _Rollout(solution, self.rollout.since_s if self.rollout is not None else now_s)
-        changed = before != desired
-        if changed:
-            moved = self.agents.recap(desired)
-            if moved:
-                self._regroup()
-            self._feed(DesiredChanged(tuple(sorted(desired.values(), key=lambda c: c.component_id)), now_s), now_s)
-        self.first_plan = False
-        self._maybe_switch(now_s)
-        return changed or routing_changes
-
-    def _distinct_ids(self, result: PlacementResult, retained: list[PlacedComponent]) -> PlacementResult:
-        """New components must not take the id of a component that keeps running beside them."""
-        taken = {c.component_id for c in retained} | {c.component_id for c in self.agents.live()}
-        components = []
-        for comp in result.components:
-            if comp.component_id in {c.component_id for c in retained}:
-                n = 1
-                while f"{comp.component_id}-b{n}" in taken:
-                    n += 1
-                comp = replace(comp, component_id=f"{comp.component_id}-b{n}")
-                taken.add(comp.component_id)
-            components.append(comp)
-        return replace(result, components=tuple(components))
-
     def _regroup(self) -> None:
         """Rebuild the (config, state) counts after caps moved in place."""
         self.groups = Counter()
@@ -509,25 +479,10 @@ class Simulator:
         self._power = None
         self._dirty_nodes |= set(self.agents.components)
 
-    def _maybe_switch(self, now_s: float) -> None:
-        """Route to the rolled-out plan once its pools are ready (or it waited too long); drop the old."""
-        if self.rollout is None:
-            return
-        # Every component of the new placement ready (not just as many of its config: a component that
-        # moves must not count its predecessor).
-        ready_ok = all(getattr(self.agents.components.get(c.node, {}).get(c.component_id), "state", None) == "ready"
-                       for c in self.plan)
-        if not ready_ok and now_s - self.rollout.since_s < self.control.switch_timeout_s:
-            return
-        self.active = self.rollout.solution
-        self.routes = None
-        self.rollout = None
-        self.window_util = {}
-        self.recorder.switches += 1
-        desired = {c.component_id: c for c in self.plan}
-        if desired != self.desired:
-            self.desired = desired
-            self._feed(DesiredChanged(tuple(sorted(desired.values(), key=lambda c: c.component_id)), now_s), now_s)
+    def _components_changed(self, node: str, now_s: float) -> None:
+        """Tell the autopilot what a node runs now (a rollout switches when its new components are ready)."""
+        states = {c.component_id: c.state for c in self.agents.components.get(node, {}).values()}
+        self._carry_out(self.autopilot.handle(ComponentsObserved(now_s, {node: states})), now_s)
 
     # --- service -----------------------------------------------------------------------------------
 
@@ -545,14 +500,14 @@ class Simulator:
         return [tuple(c.config for c in comps) for _, comps in sorted(tenant_sets.items())]
 
     def _step(self, k: int, now_s: float) -> None:
-        self._maybe_switch(now_s)  # a rollout that timed out switches even when no component changed
+        self._carry_out(self.autopilot.handle(AutopilotTick(now_s)), now_s)  # a rollout that waited too long ends
         width_s = min(self.spec.step_s, self.spec.duration_s - now_s)
         counts = self.arrivals.counts[k]
         if self.routes is None and self.active is not None:
             self.routes = RouteTable.build(self.active, self.judge)
         ready = {config: n for (config, state), n in self.groups.items() if state == "ready" and n > 0}
         outcome: StepOutcome = self.service.evaluate(self.routes, self.arrivals.demands, counts, width_s, ready,
-                                                     merge_caps=self.rollout is not None, shared=self._sharing())
+                                                     merge_caps=self.rollout_pending, shared=self._sharing())
         self.utilization = outcome.utilization
         self._power = None
         # What the policies see (like Kubernetes' HPA): offered load over the slots of every instance
@@ -560,7 +515,8 @@ class Simulator:
         # being rolled out have no reading until routing switches to it (and the window restarts then),
         # so no scaler resizes them on load that the old routing still carries.
         routed = self.routes.pools_used() if self.routes is not None else []
-        rolling = set(self.rollout.solution.instances) if self.rollout is not None else set()
+        pending = self.autopilot.rollout.pending
+        rolling = set(pending.solution.instances) if pending is not None else set()
         for config in routed:
             if config in rolling:
                 continue  # its load still follows the old routing; a reading would mislead the scaler

@@ -10,7 +10,7 @@ from typing import Any
 from controller.simulator.engine import Simulator
 from controller.simulator.report import write_plots, write_report
 from controller.simulator.scenario import POLICY_NAMES, Scenario
-from policies.baselines import (
+from policies.autopilot.planning import (
     CAP_FRACTIONS, MURAKKAB_SCALE_BAND, MURAKKAB_UTILIZATION_TARGET, PAPER_SCALE_BAND, EpochPolicy, MurakkabPolicy,
     PlanningInputs, ScaleBand, StaticPolicy,
 )

@@ -288,10 +288,10 @@ class ControlSpec(_Strict):
                           "lifted (at once), before the autoscaler adds instances")
     utilization_target: dict[str, float] = Field(
         default_factory=dict, description="policy name -> the utilization its pools are sized for (defaults: 0.8; "
-                                          "murakkab 0.85, see policies/baselines.py)")
+                                          "murakkab 0.85, see policies/autopilot/planning.py)")
     cap_fractions: list[float] | None = Field(
         None, min_length=1, description="murakkab only: the power-cap levels it may choose, as fractions of each "
-                                        "GPU's TDP (1 = uncapped); null: policies.baselines.CAP_FRACTIONS")
+                                        "GPU's TDP (1 = uncapped); null: policies.autopilot.planning.CAP_FRACTIONS")
     scale_band: dict[str, ScaleBandSpec] = Field(
         default_factory=dict, description="murakkab-epoch or murakkab -> its reactive autoscaler band (defaults: "
                                           "[0.3, 0.85] back to 0.6; murakkab [0.3, 0.92] back to 0.8)")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from common.workflow.loader import load_catalog_file, load_workflow_file
-from policies.baselines import (
+from policies.autopilot.planning import (
     ClusterState,
     EpochPolicy,
     MurakkabPolicy,

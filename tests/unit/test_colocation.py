@@ -15,7 +15,7 @@ from policies.optimizer import optimize, with_instances
 from policies.placement import PlacementLimits, place
 from tests.unit.test_optimizer import day_mix
 from tests.unit.test_placement import CATALOG, cfg, node, where
-from tests.unit.test_simulator import ScriptedPolicy, _planned, parse, short, smoke_document
+from tests.unit.test_simulator import ScriptedPolicy, _inputs, _planned, parse, short, smoke_document
 
 # --- the interference model -------------------------------------------------------------------------
 
@@ -172,7 +172,8 @@ def test_instances_that_share_gpus_serve_slower_in_the_simulator() -> None:
     apart = replace(solution, colocate=())
 
     def run(plan):
-        sim = Simulator(scenario, ScriptedPolicy([(0.0, plan)]), perf=perf, hardware=hardware)
+        sim = Simulator(scenario, ScriptedPolicy([(0.0, plan)], inputs=_inputs(scenario, perf)), perf=perf,
+                        hardware=hardware)
         return sim, sim.run()
 
     shared_sim, shared = run(solution)

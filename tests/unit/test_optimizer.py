@@ -787,7 +787,7 @@ def test_bad_queueing_parameters_are_errors() -> None:
 
 
 def test_switch_penalty_moves_fewer_stages_when_the_load_changes() -> None:
-    from policies.baselines import incumbent_of
+    from policies.autopilot.planning import incumbent_of
 
     first = optimize(day_mix())
     incumbent = incumbent_of(first)

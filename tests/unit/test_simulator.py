@@ -18,7 +18,7 @@ from controller.simulator.report import without_wall_time
 from controller.simulator.run import build_policy, run_simulation, scenario_hardware
 from controller.simulator.scenario import ScenarioError, load_scenario, parse_scenario
 from controller.simulator.trace import generate_arrivals, workflow_rate_rps
-from policies.baselines import Decision
+from policies.autopilot.planning import ClusterState, Decision, PlanningInputs
 from policies.model import InstanceConfig
 from policies.optimizer import with_instances
 from policies.perf_model import CatalogPerfModel
@@ -260,21 +260,35 @@ def test_static_provisions_once_and_never_changes() -> None:
 
 
 class ScriptedPolicy:
-    """A stand-in policy for these tests only: plays back solutions at given times."""
+    """A stand-in planning core for these tests only: plays back solutions at given times, through the
+    autopilot's step interface (so placement and rollouts are the autopilot's)."""
 
     name = "scripted"
     epoch_s = math.inf
 
-    def __init__(self, script: list[tuple[float, Any]], tick_s: float = 60.0) -> None:
+    def __init__(self, script: list[tuple[float, Any]], tick_s: float = 60.0, inputs: Any = None) -> None:
         self.script = sorted(script, key=lambda s: s[0])
         self.tick_s = tick_s
         self.states: list[Any] = []
+        self.solution: Any = None
+        self.floor_rps: dict = {}
+        self.inputs = inputs if inputs is not None else PlanningInputs(workflows={}, catalog={}, perf=None)
 
-    def decide(self, now_s: float, observed: dict, state: Any) -> Decision | None:
+    def step(self, now_s: float, observed: dict, state: Any) -> Decision | None:
         self.states.append((now_s, observed, state))
         due = [s for t, s in self.script if t <= now_s]
         self.script = [(t, s) for t, s in self.script if t > now_s]
-        return Decision(due[-1], "scripted") if due else None
+        if not due:
+            return None
+        self.solution = due[-1]
+        return Decision(due[-1], "scripted")
+
+    def replan(self, state: Any, why: str) -> None:
+        return None
+
+
+def _inputs(scenario, perf) -> PlanningInputs:
+    return PlanningInputs(workflows=dict(scenario.workflows), catalog=dict(scenario.catalog), perf=perf)
 
 
 def _planned(scenario, name: str = "murakkab-epoch"):
@@ -283,8 +297,8 @@ def _planned(scenario, name: str = "murakkab-epoch"):
     perf = CatalogPerfModel(hardware)
     policy = build_policy(name, scenario, perf)
     sim = Simulator(scenario, policy, perf=perf, hardware=hardware)
-    state = sim.state_factory(hardware=sim.hardware, devices_available=dict(sim.devices_total), instances={},
-                              utilization={}, peak_rates=dict(sim.peak_rates))
+    state = ClusterState(hardware=sim.hardware, devices_available=dict(sim.devices_total), instances={},
+                         utilization={}, peak_rates=dict(sim.peak_rates))
     return policy.decide(0.0, sim._observed(0.0), state).solution, hardware, perf
 
 
@@ -307,7 +321,7 @@ def test_a_new_routing_is_rolled_out_make_before_break() -> None:
     first, hardware, perf = _planned(scenario)
     assert any(c.hardware in ("a100", "l4") for c in first.instances)
     moved = _moved_to_h100(first)
-    policy = ScriptedPolicy([(0.0, first), (300.0, moved)])
+    policy = ScriptedPolicy([(0.0, first), (300.0, moved)], inputs=_inputs(scenario, perf))
     sim = Simulator(scenario, policy, perf=perf, hardware=hardware)
     report = sim.run()
     assert report["plan_switches"] == 1
@@ -324,7 +338,7 @@ def test_scaling_up_waits_for_start_up_and_sheds_meanwhile() -> None:
     doc["spec"]["control"]["warm_start"] = False
     scenario = parse(doc)
     first, hardware, perf = _planned(scenario)
-    policy = ScriptedPolicy([(0.0, first)])
+    policy = ScriptedPolicy([(0.0, first)], inputs=_inputs(scenario, perf))
     sim = Simulator(scenario, policy, perf=perf, hardware=hardware)
     report = sim.run()
     # nothing is ready in the first step (start-up of 15 s + weights), so its requests are dropped
@@ -339,7 +353,7 @@ def test_an_undersized_pool_sheds_load_and_policies_see_the_pressure() -> None:
     one_each = with_instances(first, {c: 1 for c in first.instances})
     for load in doc["spec"]["trace"]["workflows"].values():  # ten times the load it was planned for
         load["base_rps"], load["peak_rps"] = 10 * load["base_rps"], 10 * load["peak_rps"]
-    policy = ScriptedPolicy([(0.0, one_each)])
+    policy = ScriptedPolicy([(0.0, one_each)], inputs=_inputs(parse(doc), perf))
     sim = Simulator(parse(doc), policy, perf=perf, hardware=hardware)
     report = sim.run()
     assert report["requests"]["dropped"] > 0
@@ -353,7 +367,7 @@ def test_plan_refused_when_the_optimizer_fails() -> None:
     scenario = parse(short(smoke_document(), 600.0))
     first, hardware, perf = _planned(scenario)
     broken = replace(first, status="error: solver crashed", instances={})
-    policy = ScriptedPolicy([(0.0, first), (120.0, broken)])
+    policy = ScriptedPolicy([(0.0, first), (120.0, broken)], inputs=_inputs(scenario, perf))
     sim = Simulator(scenario, policy, perf=perf, hardware=hardware)
     report = sim.run()
     assert report["requests"]["dropped"] == pytest.approx(0.0, abs=1e-6)
@@ -365,7 +379,7 @@ def test_the_judge_grades_with_the_planners_own_targets() -> None:
     """The simulator recomputes every latency bound itself; it must agree with the optimizer's."""
     scenario = load_scenario(SMOKE)
     solution, hardware, perf = _planned(scenario, "murakkab")
-    sim = Simulator(scenario, ScriptedPolicy([]), perf=perf, hardware=hardware)
+    sim = Simulator(scenario, ScriptedPolicy([], inputs=_inputs(scenario, perf)), perf=perf, hardware=hardware)
     assert solution.predicted
     for demand, predicted in solution.predicted.items():
         assert sim.judge.target_s(demand) == pytest.approx(predicted.latency_target_s, rel=1e-9), demand
@@ -442,15 +456,15 @@ def test_lifting_caps_on_a_burst_recaps_in_place_and_sheds_less() -> None:
         perf = CatalogPerfModel(hardware)
         policy = build_policy("murakkab", scenario, perf)
         reasons: list[str] = []
-        decide = policy.decide
+        step = policy.step
 
         def recording(*args):
-            decision = decide(*args)
-            if decision is not None:
+            decision = step(*args)
+            if isinstance(decision, Decision):
                 reasons.append(decision.reason)
             return decision
 
-        policy.decide = recording
+        policy.step = recording
         return Simulator(scenario, policy, perf=perf, hardware=hardware).run(), reasons
 
     lifted, reasons = run(True)
