@@ -244,6 +244,13 @@ class Autopilot:
         out.append(Note(ev.now_s, "pin", f"{ev.node}/gpu{ev.device_index}",
                         f"operator pinned the power limit at {ev.power_limit_w:g} W; the autopilot plans around it"))
 
+    def adopt_running(self, components: tuple[PlacedComponent, ...]) -> None:
+        """Components agents run that no plan placed (after a controller restart): until the first plan they
+        count as current, so placement keeps them where they are instead of starting them again."""
+        if self.rollout.first:
+            for comp in components:
+                self.rollout.desired.setdefault(comp.component_id, comp)
+
     # --- planning, placement and rollout --------------------------------------------------------
 
     def _state(self) -> ClusterState:
@@ -328,7 +335,7 @@ class Autopilot:
         return replace(result, notes=tuple(kept_notes) + tuple(result.notes)) if kept_notes else result
 
     def _placement_nodes(self) -> list[NodeState]:
-        """What placement sees: evacuated GPUs as unavailable, pinned limits as fixed."""
+        """What placement sees: evacuated GPUs as unavailable, pinned limits as the limits they run at."""
         evacuated = self.reactions.evacuated()
         pins = self.reactions.pins
         if not evacuated and not pins:
@@ -340,9 +347,8 @@ class Autopilot:
                 key = (node.name, dev.index)
                 if key in evacuated:
                     dev = replace(dev, health="hot")
-                if key in pins:
-                    dev = replace(dev, power_limit_min_w=pins[key], power_limit_max_w=pins[key],
-                                  power_limit_default_w=pins[key], power_limit_w=pins[key])
+                if key in pins:  # it runs at the pin whatever the plan says; placement predicts power from it
+                    dev = replace(dev, power_limit_w=pins[key])
                 devices.append(dev)
             nodes.append(replace(node, devices=tuple(devices)))
         return nodes

@@ -82,6 +82,11 @@ class Rollout:
         retained: list[PlacedComponent] = []
         kept_ids = {c.component_id for c in result.components}
         dropped = [c for c in current if c.component_id not in kept_ids and node_live(c.node)]
+        # Old components already serving a pending rollout keep serving it until it switches, whatever a plan
+        # made meanwhile (a scale step, another move) does with them.
+        plan_ids = {c.component_id for c in self.plan}
+        serving_old = [c for c in dropped if self.pending is not None and c.component_id not in plan_ids]
+        dropped = [c for c in dropped if c not in serving_old]
         if dropped and self.active is not None:
             if routing_changed:  # the old routing's components serve until the new pools are ready
                 serving = set(self.active.instances)
@@ -95,6 +100,9 @@ class Rollout:
                 second = place(kept)
                 if sum(second.unplaced.values()) <= sum(result.unplaced.values()):
                     result, retained = _distinct_ids(second, dropped, live_ids), dropped
+        if serving_old:
+            result = _distinct_ids(result, serving_old, live_ids)
+            retained += serving_old
         before = dict(self.desired)
         self.plan = result.components
         desired = {c.component_id: c for c in result.components}
