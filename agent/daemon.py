@@ -25,12 +25,14 @@ from pydantic import ValidationError
 from agent.components.runtime import ComponentManager, ManagerConfig
 from agent.config import AgentSettings
 from agent.devices.base import Device, DeviceError
+from agent.devices.sim import COOLING_FAILURE_RESISTANCE_FACTOR, SimGpu
 from agent.host import HostSampler, host_info
 from common import __version__
 from common.metrics import DeviceCollector, serve_metrics
 from common.protocol import (
-    CancelInvocation, CommandResult, DeviceTelemetry, ErrorReply, Heartbeat, HeartbeatAck, InvocationResult, Invoke,
-    Register, RegisterAccepted, ReregisterRequired, SetPowerLimit, StartComponent, StopComponent, build_dispatch,
+    DEFAULT_DRILL_XID, FAULT_DRILL_KINDS, MAX_XID, CancelInvocation, CommandResult, DeviceFaultDrill,
+    DeviceTelemetry, ErrorReply, Heartbeat, HeartbeatAck, InvocationResult, Invoke, Register, RegisterAccepted,
+    ReregisterRequired, SetPowerLimit, StartComponent, StopComponent, build_dispatch,
 )
 from common.transport import RemoteError, RequestTimeout, RpcEndpoint, backoff_delays, configure_socket
 from common.workflow.catalog import ExecutorSpec
@@ -185,7 +187,7 @@ class Agent:
             dispatch=build_dispatch("agent", {
                 SetPowerLimit: self.on_set_power_limit, StartComponent: self.on_start_component,
                 StopComponent: self.on_stop_component, Invoke: self.on_invoke,
-                CancelInvocation: self.on_cancel_invocation}),
+                CancelInvocation: self.on_cancel_invocation, DeviceFaultDrill: self.on_device_fault_drill}),
             on_rejected=lambda code: self.metrics.frames_rejected.labels("controller", code).inc())
         tasks = [asyncio.create_task(self.endpoint.serve()), asyncio.create_task(self._sample_loop()),
                  asyncio.create_task(self._link_loop()), asyncio.create_task(self.components.run())]
@@ -358,6 +360,46 @@ class Agent:
         ok, text = self.components.cancel(msg.invocation_id, msg.reason)
         return self._done("cancel_invocation", CommandResult(msg.command_id, ok, text))
 
+    def on_device_fault_drill(self, peer: bytes, msg: DeviceFaultDrill) -> Any:
+        """Drive a simulated GPU into a fault (or out of a cooling failure) so operators can rehearse; a real
+        device is never touched: there is no safe way to fake a fault on hardware that is serving."""
+        answer = self._admit("device_fault_drill", msg.command_id, msg.controller_epoch, msg.node_generation)
+        if answer is not None:
+            return answer
+        node = self.settings.node_name
+        device = self.devices.get(msg.device_index)
+        if device is None:
+            indexes = ", ".join(map(str, sorted(self.devices))) or "none"
+            return self._drill_refused(ErrorReply(
+                "unknown_device", f"node {node} has no device {msg.device_index} (devices: {indexes})"))
+        if msg.fault not in FAULT_DRILL_KINDS:
+            return self._drill_refused(ErrorReply(
+                "invalid_argument", f"unknown fault {msg.fault!r}; use one of {', '.join(FAULT_DRILL_KINDS)}"))
+        xid = DEFAULT_DRILL_XID if msg.xid is None else msg.xid
+        if not 0 <= xid <= MAX_XID:
+            return self._drill_refused(ErrorReply("invalid_argument", f"xid must be 0-{MAX_XID}, got {xid}"))
+        if not isinstance(device, SimGpu):
+            what = "real hardware" if device.info.kind == "gpu" else f"the host {device.info.kind.upper()}"
+            return self._drill_refused(ErrorReply(
+                "unsupported", f"device {msg.device_index} on {node} is {device.info.model} ({what}); "
+                               "fault drills drive simulated GPUs only"))
+        if msg.fault == "xid" and device.lost:
+            return self._drill_refused(ErrorReply(
+                "device_lost", f"device {msg.device_index} on {node} has fallen off the bus; a lost GPU reports no "
+                               "Xid (restart the agent to bring it back)"))
+        device.advance(max(device.now_s, self.clock()))  # the fault lands now, not back at the last sample
+        text = apply_fault_drill(device, msg.fault, xid)
+        log.warning("fault drill on device %d (%s): %s", msg.device_index, device.info.model, text)
+        result = self._done("device_fault_drill", CommandResult(msg.command_id, True,
+                                                                f"device {msg.device_index} on {node}: {text}"))
+        self.sample_devices()
+        return result
+
+    def _drill_refused(self, refusal: ErrorReply) -> ErrorReply:
+        self.metrics.commands.labels("device_fault_drill", refusal.code).inc()
+        log.warning("fault drill refused: %s", refusal.message)
+        return refusal
+
     async def on_invoke(self, peer: bytes, msg: Invoke) -> InvocationResult:
         if msg.controller_epoch != self.gate.epoch:
             now_unix = time.time()
@@ -385,3 +427,29 @@ def validation_summary(exc: ValidationError, limit: int = 5) -> str:
         parts.append(f"{where}: {err['msg']}")
     more = exc.error_count() - limit
     return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
+
+
+def apply_fault_drill(gpu: SimGpu, fault: str, xid: int) -> str:
+    """Apply one drill to a simulated GPU and say what changed, including what a ``clear`` cannot undo."""
+    if fault == "cooling-failure":
+        already = gpu.thermal_resistance_k_per_w > gpu.spec.thermal_resistance_k_per_w
+        gpu.inject_cooling_failure()
+        return ("cooling failure already active" if already else
+                f"cooling failure injected (thermal resistance x{COOLING_FAILURE_RESISTANCE_FACTOR:g}); "
+                "it heats up and throttles under load until cleared")
+    if fault == "xid":  # the caller refuses an Xid on a GPU that is off the bus
+        gpu.inject_xid(xid)
+        return f"Xid {xid} injected; health is xid (the GPU keeps working) until the agent restarts"
+    if fault == "fall-off-bus":
+        if gpu.lost:
+            return "already off the bus"
+        gpu.fall_off_bus()
+        return "fell off the bus (Xid 79): health lost, no telemetry, every command fails until the agent restarts"
+    had_failure = gpu.thermal_resistance_k_per_w > gpu.spec.thermal_resistance_k_per_w
+    gpu.clear_cooling_failure()
+    text = "cooling restored" if had_failure else "no cooling failure was active"
+    if gpu.lost:
+        text += "; the GPU stays fallen off the bus (a drill cannot put it back; restart the agent)"
+    elif gpu.health == "xid":
+        text += f"; health stays xid (Xid {gpu.last_xid}) until the agent restarts"
+    return text

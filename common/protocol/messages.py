@@ -71,6 +71,14 @@ class HostTelemetry:
 
 
 @dataclass(frozen=True)
+class PinnedPowerLimit:
+    """A power limit an operator pinned on one device (msgpack map keys must be strings, so not a dict)."""
+
+    device_index: StrictInt
+    power_limit_w: StrictFloat
+
+
+@dataclass(frozen=True)
 class NodeView:
     """The controller's view of one node, as the admin API returns it."""
 
@@ -88,6 +96,7 @@ class NodeView:
     devices: tuple[DeviceInfo, ...]
     telemetry: tuple[DeviceTelemetry, ...]
     host: HostTelemetry | None
+    pinned_power_limits: tuple[PinnedPowerLimit, ...] = ()  # operator pins the autopilot plans around
 
 
 
@@ -762,4 +771,136 @@ __all__ += [
     "ListProfiles",
     "PredictorFit",
     "ProfileList",
+]
+
+
+# --- admin CLI -> controller -> agents: fault drills ----------------------------------------
+
+FAULT_DRILL_KINDS: tuple[str, ...] = ("cooling-failure", "xid", "fall-off-bus", "clear")
+DEFAULT_DRILL_XID = 48  # double-bit ECC: the GPU keeps running but the operator must act
+MAX_XID = 1023
+
+
+@message("inject_device_fault", kind="request", served_by="controller.admin")
+@dataclass(frozen=True)
+class InjectDeviceFault:
+    """A fault drill on a simulated GPU of a live cluster, to rehearse how the autopilot and operators react.
+
+    ``fault`` is one of FAULT_DRILL_KINDS; ``xid`` is for kind ``xid`` only (None: DEFAULT_DRILL_XID).
+    ``clear`` ends a cooling failure; an Xid or a fall off the bus lasts until the agent restarts.
+    """
+
+    name: StrictStr
+    device_index: StrictInt
+    fault: StrictStr
+    xid: StrictInt | None = None
+
+
+@message("device_fault_drill", kind="request", served_by="agent")
+@dataclass(frozen=True)
+class DeviceFaultDrill:
+    """The agent command for InjectDeviceFault; agents apply it to simulated GPUs only and answer a CommandResult."""
+
+    command_id: StrictStr
+    controller_epoch: StrictInt
+    node_generation: StrictInt
+    device_index: StrictInt
+    fault: StrictStr
+    xid: StrictInt | None = None
+
+
+@message("fault_drill_result", kind="reply")
+@dataclass(frozen=True)
+class FaultDrillResult:
+    """What a drill did, in the agent's words (``message``)."""
+
+    name: StrictStr
+    device_index: StrictInt
+    fault: StrictStr
+    xid: StrictInt | None
+    message: StrictStr
+
+
+# --- admin CLI -> controller: power budgets, pins, autopilot events -------------------------
+
+MAX_EVENTS = 10_000
+
+
+@message("set_power_budget", kind="request", served_by="controller.admin")
+@dataclass(frozen=True)
+class SetPowerBudget:
+    """Set (watts) or clear (None) the cluster's (``rack`` None) or one rack's GPU power budget; the
+    autopilot caps devices to hold it and plans within it."""
+
+    rack: StrictStr | None
+    power_budget_w: StrictFloat | None
+
+
+@message("get_power_budget", kind="request", served_by="controller.admin")
+@dataclass(frozen=True)
+class GetPowerBudget:
+    pass
+
+
+@message("power_budget_detail", kind="reply")
+@dataclass(frozen=True)
+class PowerBudgetDetail:
+    """The autopilot's budget view: ``budgets`` (scope, rack, power_budget_w, measured_power_w, floor_w,
+    feasible, over, source, caps_w), ``hot_gpus`` and ``pins``, as plain data."""
+
+    view: dict[StrictStr, Any]
+
+
+@message("list_events", kind="request", served_by="controller.admin")
+@dataclass(frozen=True)
+class ListEvents:
+    """The newest ``limit`` (1..MAX_EVENTS) autopilot events: budgets, caps, heat, pins, plans."""
+
+    limit: StrictInt = 100
+
+
+@message("event_list", kind="reply")
+@dataclass(frozen=True)
+class EventList:
+    """Events oldest first, each {seq, at_unix_s, kind, subject, reason, details}; ``omitted`` counts the
+    oldest of the requested events left out to keep the reply within one frame."""
+
+    events: tuple[dict[StrictStr, Any], ...]
+    omitted: StrictInt = 0
+
+
+@message("unpin_power_limit", kind="request", served_by="controller.admin")
+@dataclass(frozen=True)
+class UnpinPowerLimit:
+    """Release an operator's pinned power limit so the autopilot sets that device's limit again."""
+
+    name: StrictStr
+    device_index: StrictInt
+
+
+@message("power_limit_unpinned", kind="reply")
+@dataclass(frozen=True)
+class PowerLimitUnpinned:
+    name: StrictStr
+    device_index: StrictInt
+    previous_power_limit_w: StrictFloat | None
+    message: StrictStr
+
+
+__all__ += [
+    "PinnedPowerLimit",
+    "FAULT_DRILL_KINDS",
+    "DEFAULT_DRILL_XID",
+    "MAX_XID",
+    "InjectDeviceFault",
+    "DeviceFaultDrill",
+    "FaultDrillResult",
+    "MAX_EVENTS",
+    "SetPowerBudget",
+    "GetPowerBudget",
+    "PowerBudgetDetail",
+    "ListEvents",
+    "EventList",
+    "UnpinPowerLimit",
+    "PowerLimitUnpinned",
 ]

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.protocol import (
-    MAX_FRAME_BYTES, PROTOCOL_VERSION, CancelInvocation, DeviceTelemetry, DrainNode, GetNode, Heartbeat, HostTelemetry,
-    Invoke, ProtocolError, SetPowerLimit, StartComponent, StopComponent, build_dispatch, decode, encode, ops_served_by,
-    registered_ops,
+    MAX_FRAME_BYTES, PROTOCOL_VERSION, CancelInvocation, DeviceFaultDrill, DeviceTelemetry, DrainNode, GetNode,
+    Heartbeat, HostTelemetry, Invoke, ProtocolError, SetPowerLimit, StartComponent, StopComponent, build_dispatch,
+    decode, encode, ops_served_by, registered_ops,
 )
 from common.protocol.codec import message
 
@@ -126,7 +126,7 @@ def test_registry_rules_hold_at_import() -> None:
         if spec.kind == "request":
             assert spec.served_by is not None
     assert ops_served_by("agent") == {"set_power_limit", "start_component", "stop_component", "invoke",
-                                      "cancel_invocation"}
+                                      "cancel_invocation", "device_fault_drill"}
 
 
 def test_dispatch_table_must_cover_exactly_the_endpoint() -> None:
@@ -134,12 +134,13 @@ def test_dispatch_table_must_cover_exactly_the_endpoint() -> None:
         build_dispatch("controller.admin", {GetNode: object()})
     with pytest.raises(TypeError, match="not a request served by"):
         build_dispatch("agent", {DrainNode: object(), SetPowerLimit: object()})
-    with pytest.raises(TypeError, match="no handler for: cancel_invocation, invoke, start_component, stop_component"):
+    with pytest.raises(TypeError, match="no handler for: cancel_invocation, device_fault_drill, invoke, "
+                                        "start_component, stop_component"):
         build_dispatch("agent", {SetPowerLimit: "handler"})
     table = build_dispatch("agent", {SetPowerLimit: "a", StartComponent: "b", StopComponent: "c", Invoke: "d",
-                                     CancelInvocation: "e"})
+                                     CancelInvocation: "e", DeviceFaultDrill: "f"})
     assert table == {"set_power_limit": "a", "start_component": "b", "stop_component": "c", "invoke": "d",
-                     "cancel_invocation": "e"}
+                     "cancel_invocation": "e", "device_fault_drill": "f"}
 
 
 def test_registering_an_op_twice_or_a_mutable_class_fails() -> None:
