@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.protocol import (
-    ClusterStatus, DrainNode, GetNode, GetStatus, LabelNode, NodeView, SetNodePowerLimit, UndrainNode,
+    ClusterStatus, DrainNode, GetNode, GetStatus, LabelNode, NodeView, UndrainNode,
 )
 from controller.cli.client import AdminClient, ClientError
 
@@ -97,6 +97,9 @@ def node_detail(console: Console, node: NodeView) -> None:
             f"{t.memory_used_bytes / GIB:.1f}/{t.memory_total_bytes / GIB:.1f} GiB",
             t.health + (f" xid {t.last_xid}" if t.last_xid is not None else ""), ",".join(t.throttle_reasons) or "-")
     console.print(table)
+    if node.pinned_power_limits:
+        pins = ", ".join(f"device {p.device_index} {p.power_limit_w:g} W" for p in node.pinned_power_limits)
+        console.print(f"pinned power limits: {pins} (set-power-limit --unpin releases one)", highlight=False)
 
 
 def _print_json(data: Any) -> None:
@@ -141,15 +144,8 @@ def run_admin(args: argparse.Namespace, console: Console) -> int:
                 reply = client.call(DrainNode(args.name, args.reason))
             elif args.node_command == "undrain":
                 reply = client.call(UndrainNode(args.name))
-            elif args.node_command == "label":
-                reply = client.call(LabelNode(args.name, _label_changes(args.labels)))
             else:
-                result = client.call(SetNodePowerLimit(args.name, args.device, args.watts),
-                                     timeout_s=args.timeout * 3)
-                if not result.ok:
-                    raise ClientError(f"agent refused: {result.message}")
-                console.print(result.message)
-                return 0
+                reply = client.call(LabelNode(args.name, _label_changes(args.labels)))
             if getattr(args, "output", "table") == "json":
                 _print_json(node_json(reply.node))
             elif args.node_command == "show":
@@ -180,10 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     label = with_output(node_sub.add_parser("label", help="set KEY=VALUE or remove KEY- labels"))
     label.add_argument("name")
     label.add_argument("labels", nargs="+")
-    spl = node_sub.add_parser("set-power-limit", help="set a device's power limit")
-    spl.add_argument("name")
-    spl.add_argument("device", type=int, help="device index")
-    spl.add_argument("watts", type=float)
+    from controller.cli.power import add_node_power_commands, add_power_commands
+    add_node_power_commands(node_sub)  # set-power-limit (pins) and fault (drills on simulated GPUs)
+    add_power_commands(sub)
 
     from controller.cli.cluster import add_cluster_commands
     from controller.cli.sim import add_sim_commands
@@ -201,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     # Piped output gets a wide console so tables are not folded into 80 columns.
     console = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
     try:
-        if getattr(args, "handler", None) is not None:  # cluster, catalog, workflow, run, jobs, job, components, sim
+        # cluster, catalog, workflow, run, jobs, job, components, sim, plan, profile, power, events,
+        # node set-power-limit and node fault
+        if getattr(args, "handler", None) is not None:
             return int(args.handler(args, console))
         return run_admin(args, console)
     except ClientError as exc:
