@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common.config import load_toml_config
 
@@ -32,20 +32,42 @@ class ControllerSettings(BaseModel):
     invocation_max_attempts: int = Field(3, ge=1, le=20)
     job_queue_timeout_s: float = Field(900.0, gt=0, description="waiting for a ready component before failing")
     job_timeout_s: float = Field(3600.0, gt=0)
-    planner: Literal["first-fit", "murakkab"] = Field(
-        "first-fit", description="first-fit: cheapest executor per tier, first-fit placement; murakkab: forecast, "
-                                 "MILP over executors, knobs, hardware and power caps, and power/thermal-aware placement")
+    planner: Literal["murakkab", "murakkab-epoch", "static", "first-fit"] = Field(
+        "murakkab", description="the autopilot's preset (murakkab: forecast, MILP over executors, knobs, hardware "
+                                "and power caps every planning_epoch_s, reactive scaling, cap lifting, heat and "
+                                "budget reactions, make-before-break moves; murakkab-epoch: the paper's hourly "
+                                "MILP without caps; static: provisioned once for the peaks seen) or first-fit: "
+                                "cheapest executor per tier, first-fit placement, no autopilot")
     planning_epoch_s: float = Field(300.0, gt=0, le=86400)
     planning_queueing_slack: float = Field(
         0.2, ge=0, lt=1, description="murakkab planner: share of every latency target kept free for queueing")
     planning_wait_quantile: float | None = Field(
         0.99, gt=0, lt=1, description="murakkab planner: grow pools until this share of requests is predicted to "
                                       "meet its target with waits (M/M/c); unset: size on service times only")
+    planning_window_s: float = Field(
+        10.0, gt=0, le=3600, description="autopilot: load is measured over windows this long; reactive scaling "
+                                         "and cap lifting act once per window")
+    switch_timeout_s: float = Field(
+        120.0, gt=0, le=86400, description="autopilot: a replacement component not ready by then is abandoned "
+                                           "and the old one keeps serving")
+    heat_margin_c: float = Field(5.0, ge=0, le=50, description="a GPU this close to its slowdown temperature is hot")
+    heat_migrate_after_s: float = Field(15.0, ge=0, le=3600,
+                                        description="a GPU still hot this long after its cap came down is evacuated")
+    cluster_power_budget_w: float | None = Field(None, gt=0, le=1e9, description="measured GPU power bound")
+    rack_power_budget_w: dict[str, float] = Field(default_factory=dict, description="rack label -> W")
     start_failure_limit: int = Field(
         3, ge=1, le=100, description="a component reported failed this many times in a row (never ready in between) "
                                      "makes its executor avoid that node for avoid_node_s")
     avoid_node_s: float = Field(600.0, gt=0, le=86400)
     log_level: str = "INFO"
+
+    @field_validator("rack_power_budget_w")
+    @classmethod
+    def _positive_budgets(cls, budgets: dict[str, float]) -> dict[str, float]:
+        for rack, watts in budgets.items():
+            if not rack or not 0 < watts <= 1e9:
+                raise ValueError(f"rack {rack!r}: a power budget is a positive number of watts up to 1e9, got {watts}")
+        return budgets
 
     @model_validator(mode="after")
     def _timeouts_ordered(self) -> "ControllerSettings":

@@ -25,6 +25,7 @@ from common.protocol import (
 )
 from common.transport import PeerUnreachable, RemoteError, RequestTimeout, RpcEndpoint, configure_socket
 from controller.admin import AdminApi
+from controller.autopilot_shell import AutopilotSettings
 from controller.config import ControllerSettings
 from controller.jobs.service import WorkloadConfig, WorkloadService
 from controller.profiler import ProfilerService
@@ -78,9 +79,14 @@ class Controller:
             invocation_timeout_s=settings.invocation_timeout_s, max_attempts=settings.invocation_max_attempts,
             queue_timeout_s=settings.job_queue_timeout_s, job_timeout_s=settings.job_timeout_s,
             command_timeout_s=settings.command_timeout_s, restart_grace_s=settings.lost_after_s,
-            planner=settings.planner, planning_epoch_s=settings.planning_epoch_s,
-            planning_queueing_slack=settings.planning_queueing_slack,
-            planning_wait_quantile=settings.planning_wait_quantile,
+            planner=settings.planner, autopilot=AutopilotSettings(
+                epoch_s=settings.planning_epoch_s, window_s=settings.planning_window_s,
+                queueing_slack=settings.planning_queueing_slack, wait_quantile=settings.planning_wait_quantile,
+                switch_timeout_s=settings.switch_timeout_s, heat_margin_c=settings.heat_margin_c,
+                heat_migrate_after_s=settings.heat_migrate_after_s,
+                cluster_power_budget_w=settings.cluster_power_budget_w,
+                rack_power_budget_w=dict(settings.rack_power_budget_w),
+                fleet_interval_s=settings.heartbeat_interval_s),
             start_failure_limit=settings.start_failure_limit, avoid_node_s=settings.avoid_node_s))
         self.profiler = ProfilerService(self)
 

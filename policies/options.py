@@ -287,13 +287,22 @@ def _prune_dominated(options: list[StageOption]) -> list[StageOption]:
 
 
 def _fits_alone(o: StageOption, rate: float, problem: Problem, floor_instances: int) -> bool:
+    return _why_not_alone(o, rate, problem, floor_instances) is None
+
+
+def _why_not_alone(o: StageOption, rate: float, problem: Problem, floor_instances: int) -> str | None:
+    """Which budget one option alone exceeds at ``rate``, in words; None when it fits."""
     n = max(floor_instances, math.ceil(rate * o.load / problem.utilization_target - 1e-9))
     budgets = problem.budgets
-    if o.devices * n > budgets.devices.get(o.config.hardware, 0) + _EPS:
-        return False
+    where = f"{o.executor} on {o.config.tp}x {o.config.hardware}"
+    have = budgets.devices.get(o.config.hardware, 0)
+    if o.devices * n > have + _EPS:
+        return f"{where} needs {o.devices * n:g} device(s), {have} available"
     if budgets.power_w is not None and o.busy_power_w * n > budgets.power_w + _EPS:
-        return False
-    return budgets.cost_per_hour_usd is None or o.price_per_hour_usd * n <= budgets.cost_per_hour_usd + _EPS
+        return f"{where} draws {o.busy_power_w * n:.0f} W busy, the power budget is {budgets.power_w:g} W"
+    if budgets.cost_per_hour_usd is not None and o.price_per_hour_usd * n > budgets.cost_per_hour_usd + _EPS:
+        return f"{where} costs {o.price_per_hour_usd * n:.2f} USD/h, the budget is {budgets.cost_per_hour_usd:g}"
+    return None
 
 
 def _demand_options(problem: Problem, demand: Demand, rate: float,
@@ -314,7 +323,9 @@ def _demand_options(problem: Problem, demand: Demand, rate: float,
             return f"stage {name!r}: {why}"
         kept = [o for o in all_options if _fits_alone(o, rate, problem, floor_instances)]
         if not kept:
-            return f"stage {name!r}: no option fits the device, power and cost budgets at {rate:g} req/s"
+            whys = sorted({w for o in all_options if (w := _why_not_alone(o, rate, problem, floor_instances))})
+            return (f"stage {name!r}: no option fits the device, power and cost budgets at {rate:g} req/s ("
+                    + "; ".join(whys[:3]) + ("; ..." if len(whys) > 3 else "") + ")")
         kept = _accuracy_filter(kept, tiers.get("accuracy"), problem.slo.accuracy_slack)
         options[name] = kept
     best = {s: min(o.latency_s for o in options[s]) for s in names}

@@ -45,8 +45,10 @@ def add_cluster_commands(sub: Any) -> None:
     up.add_argument("--suspect-after", type=float, default=3.0, help="seconds without heartbeat")
     up.add_argument("--lost-after", type=float, default=10.0, help="seconds without heartbeat")
     up.add_argument("--seed", type=int, default=0)
-    up.add_argument("--planner", choices=("first-fit", "murakkab"), default="first-fit",
-                    help="the controller's planner (murakkab: forecast + MILP + power/thermal-aware placement)")
+    up.add_argument("--planner", choices=("murakkab", "murakkab-epoch", "static", "first-fit"), default="murakkab",
+                    help="the controller's autopilot preset (murakkab: forecast, MILP with power caps, reactive "
+                         "scaling, heat and budget reactions; murakkab-epoch and static: the baselines) or "
+                         "first-fit (no autopilot)")
     up.add_argument("--model-dir", type=Path, default=None,
                     help="where agents find models ({model_dir} in catalogs); default STATE_DIR/models")
     up.set_defaults(handler=cluster_up)

@@ -40,9 +40,12 @@ class ExecutorConfig:
     # A component that failed an item is skipped for that item's retries for this long, or until it
     # restarts (leaves the ready set and comes back), so a retry prefers another replica.
     failed_component_avoid_s: float = 10.0
+    # Work for an executor that no node can serve (``ServabilityChanged``) fails this long after that became so,
+    # with the reason, instead of waiting out ``queue_timeout_s``.
+    unservable_grace_s: float = 20.0
 
     def __post_init__(self) -> None:
-        for name in ("invocation_timeout_s", "queue_timeout_s", "job_timeout_s"):
+        for name in ("invocation_timeout_s", "queue_timeout_s", "job_timeout_s", "unservable_grace_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ExecutorConfig.{name} must be > 0, got {getattr(self, name)!r}")
         if self.max_attempts < 1:
@@ -114,7 +117,17 @@ class Tick:
     now_s: float
 
 
-Event = JobSubmitted | ComponentsChanged | InvocationSucceeded | InvocationFailed | CancelRequested | Tick
+@dataclass(frozen=True)
+class ServabilityChanged:
+    """Executors no node can serve now (none placed, or every placed component keeps failing to start), with
+    why; the full set, not a delta."""
+
+    unservable: dict[str, str]
+    now_s: float
+
+
+Event = (JobSubmitted | ComponentsChanged | InvocationSucceeded | InvocationFailed | CancelRequested | Tick
+         | ServabilityChanged)
 
 
 # --- actions -----------------------------------------------------------------------------------
@@ -290,6 +303,7 @@ class JobExecutor:
         self._absent_since_s: dict[str, float] = {}  # executor -> when its last component went away
         self._new_queued: list[_Invocation] = []  # queued during the current event
         self._seq = 0
+        self._unservable: dict[str, tuple[float, str]] = {}  # executor -> (since, why no node can serve it)
 
     # --- read-only views -----------------------------------------------------------------------
 
@@ -323,6 +337,14 @@ class JobExecutor:
     def inflight_count(self) -> int:
         return len(self._inflight)
 
+    def queued_executors(self) -> tuple[str, ...]:
+        """Executors with invocations waiting for a component."""
+        return tuple(name for name, queue in self._queues.items() if queue)
+
+    def queued_for(self, executor: str) -> int:
+        """Invocations waiting for a component of ``executor``."""
+        return len(self._queues.get(executor, ()))
+
     def inflight_for(self, component_id: str) -> tuple[str, ...]:
         """Ids of the invocations dispatched to ``component_id`` and not yet resolved, oldest first."""
         return tuple(self._on_component.get(component_id, ()))
@@ -355,6 +377,10 @@ class JobExecutor:
                     return out  # finished (and forgotten) or never known
                 self._finish(job, "cancelled", event.reason or "cancelled", {}, out)
             case Tick():
+                self._tick(event.now_s, out)
+            case ServabilityChanged():
+                self._unservable = {name: self._unservable.get(name, (event.now_s, why))[:1] + (why,)
+                                    for name, why in event.unservable.items()}
                 self._tick(event.now_s, out)
             case _:
                 raise TypeError(f"unknown event {event!r}")
@@ -599,10 +625,14 @@ class JobExecutor:
             if self._by_executor.get(executor):
                 continue  # it has ready components: the work waits for capacity, bounded by the job timeout
             absent_since_s = self._absent_since_s.get(executor, float("-inf"))
+            unservable = self._unservable.get(executor)
             for inv in list(queue.values()):
                 if inv.invocation_id not in queue:
                     continue  # dropped with a job that failed just now
-                if now_s - max(inv.enqueued_s, absent_since_s) >= cfg.queue_timeout_s:
+                if unservable is not None and now_s - max(inv.enqueued_s, unservable[0]) >= cfg.unservable_grace_s:
+                    self._finish(inv.job, "failed", f"stage {inv.stage.spec.name} cannot be served: no node can "
+                                                    f"run executor {executor} ({unservable[1]})", {}, out)
+                elif now_s - max(inv.enqueued_s, absent_since_s) >= cfg.queue_timeout_s:
                     self._finish(inv.job, "failed",
                                  f"stage {inv.stage.spec.name} waited {cfg.queue_timeout_s:g} s for a ready "
                                  f"component of executor {executor}", {}, out)

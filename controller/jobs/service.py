@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 import uuid
 from collections.abc import Coroutine, Iterable
@@ -32,7 +33,7 @@ from common.workflow.loader import SpecError, load_catalog, load_workflow
 from common.workflow.spec import WorkflowSpec
 from common.workflow.types import check_value, value_bytes
 from controller.jobs import executor as jx
-from controller.jobs.planning import OptimizingPlanner, PlanningConfig, PlanningInput, PlanOutcome
+from controller.autopilot_shell import AutopilotSettings, AutopilotShell
 from controller.jobs.store import InvocationRow, StoredJob, StoredWorkflow, WorkloadStore
 from controller import reconciler as rc
 from controller.registry import Liveness, NodeRecord
@@ -62,10 +63,8 @@ class WorkloadConfig:
     command_timeout_s: float = 10.0
     drain_timeout_s: float = 30.0
     restart_grace_s: float = 30.0  # after a restart, how long to wait for known nodes before planning without them
-    planner: str = "first-fit"  # "first-fit" | "murakkab" (forecast + MILP + placement with power caps)
-    planning_epoch_s: float = 300.0  # murakkab: re-plan at least this often
-    planning_queueing_slack: float = 0.2  # murakkab: share of each latency target kept for waiting
-    planning_wait_quantile: float | None = 0.99  # murakkab: size pools so this share meets its target with waits
+    planner: str = "murakkab"  # an autopilot preset ("murakkab", "murakkab-epoch", "static") or "first-fit"
+    autopilot: AutopilotSettings = AutopilotSettings()  # its settings (the preset is ``planner``)
     power_limit_retry_s: float = 10.0
     start_failure_limit: int = 3  # reported failed this many times in a row: the executor avoids that node ...
     avoid_node_s: float = 600.0  # ... for this long (then it may be tried there again)
@@ -101,17 +100,14 @@ class WorkloadService:
         self._job_demands: dict[str, Demand] = {}  # unfinished job -> its demand (keeps its components planned)
         self._job_executors: dict[str, frozenset[str]] = {}  # unfinished job -> the executors its stored choices name
         self._grace_until_s: float | None = None
-        self._planning: asyncio.Future[None] | None = None  # the optimizing planner's solve in flight
         self._grace_planning: asyncio.Future[None] | None = None  # the first plan after a restart, off the loop
         self._avoid: dict[tuple[str, str], tuple[float, str]] = {}  # (executor, node) -> (until, why)
+        self._unservable: dict[str, str] = {}  # executor -> why no node can serve it (told to the job executor)
         self._failures_forgiven: dict[tuple[str, str], int] = {}  # (node, component id) -> failures counted already
-        self.optimizing = (OptimizingPlanner(PlanningConfig(epoch_s=config.planning_epoch_s,
-                                                            queueing_slack=config.planning_queueing_slack,
-                                                            wait_quantile=config.planning_wait_quantile))
-                           if config.planner == "murakkab" else None)
-        self.power_limits: dict[tuple[str, int], float] = {}  # desired, per (node, device)
+        self.autopilot = (AutopilotShell(self, dataclasses.replace(config.autopilot, preset=config.planner))
+                          if config.planner != "first-fit" else None)
         self._power_limit_sent_s: dict[tuple[str, int], float] = {}
-        self.explanation: dict[str, Any] = {"planner": config.planner}
+        self._first_fit_explanation: dict[str, Any] = {"planner": config.planner}
 
     # --- start-up --------------------------------------------------------------------------
 
@@ -164,20 +160,33 @@ class WorkloadService:
                           for n in self.c.registry.nodes.values())  # labels too: placement reads the rack label
         if nodes_key != self._nodes_key:
             self._nodes_key = nodes_key
-            self._replan_needed = True
+            if self.autopilot is None:
+                self._replan_needed = True
+            else:  # the autopilot places replacements at once when it sees the fleet change
+                self.autopilot.observe_fleet_now()
             for node in self.c.registry.nodes.values():
                 if node.liveness is not Liveness.READY:
                     self._node_report(node.name, False, self.reports.get(node.name, ()), now_s)
         if self.in_restart_grace(now_s):
             return
         self._update_avoided(now_s)
-        if self._replan_needed or now_s >= self._replan_at_s:
-            if self.optimizing is None:
+        if self.autopilot is None:
+            if self._replan_needed or now_s >= self._replan_at_s:
                 self.replan(now_s)
-            elif self._planning is None or self._planning.done():
-                self._start_planning()
+        else:
+            if self._replan_needed:
+                self._replan_needed = False
+                self.autopilot.inputs_changed(now_s, replan=True, running=self.unplanned_running())
+            self.autopilot.tick(now_s)
         self.perform(self.reconciler.handle(rc.Tick(now_s)))
         self._apply_power_limits(now_s)
+        unservable = self._unservable_executors()
+        if unservable != self._unservable:
+            self._unservable = unservable
+            for name, why in sorted(unservable.items()):
+                log.warning("executor %s: no node can serve it (%s); its queued work fails in %g s", name, why,
+                            self.executor.config.unservable_grace_s)
+            self.perform(self.executor.handle(jx.ServabilityChanged(dict(unservable), now_s)))
 
     def _update_avoided(self, now_s: float) -> None:
         """Executors that keep failing to start on a node avoid it for a while, and the plan moves them.
@@ -215,6 +224,28 @@ class WorkloadService:
         if changed:
             self._replan_needed = True
 
+    def _unservable_executors(self) -> dict[str, str]:
+        """Executors with queued work that no node can serve: the plan places none of them (placement said
+        why, or every node is avoided), or every placed one keeps failing to start."""
+        queued = self.executor.queued_executors()
+        if not queued:
+            return {}
+        failing = {(s.node, s.component_id): s for s in self.reconciler.failing()}
+        result: dict[str, str] = {}
+        for name in queued:
+            placed = [c for c in self.plan.components if c.executor == name]
+            if not placed:
+                avoided = sorted(node for (executor, node) in self._avoid if executor == name)
+                notes = [n for n in self.plan.notes if name in n]
+                result[name] = (f"avoided on {', '.join(avoided)} after repeated start failures" if avoided
+                                else notes[0] if notes else "the plan places no component of it")[:500]
+                continue
+            statuses = [failing.get((c.node, c.component_id)) for c in placed]
+            if all(s is not None and s.failures_since_ready >= self.config.start_failure_limit for s in statuses):
+                last = next((s.last_error for s in statuses if s is not None and s.last_error), "no reason reported")
+                result[name] = f"every component failed {self.config.start_failure_limit}+ times (last: {last})"[:500]
+        return result
+
     def live_job_executors(self) -> frozenset[str]:
         """Executors that unfinished jobs' stored choices name: the plan keeps them running even when a
         workflow update or a re-plan would choose others for new jobs."""
@@ -223,6 +254,15 @@ class WorkloadService:
     def avoided(self) -> dict[tuple[str, str], str]:
         """(executor, node) pairs the planners do not use for now, with why."""
         return {key: why for key, (_, why) in self._avoid.items()}
+
+    @property
+    def power_limits(self) -> dict[tuple[str, int], float]:
+        """The limit each device should run at (the autopilot's: plan, heat, budgets and pins); none for first fit."""
+        return self.autopilot.power_limits if self.autopilot is not None else {}
+
+    @property
+    def explanation(self) -> dict[str, Any]:
+        return self.autopilot.explanation if self.autopilot is not None else self._first_fit_explanation
 
     def _apply_power_limits(self, now_s: float) -> None:
         """Level-triggered, like the reconciler: a device whose reported limit differs from the plan's
@@ -265,10 +305,10 @@ class WorkloadService:
         waiting = [n for n in self.c.registry.nodes.values() if n.liveness is Liveness.JOINING]  # no heartbeat yet
         if waiting and now_s < self._grace_until_s:
             return True
-        if self.optimizing is not None:
+        if self.autopilot is not None:
             # The MILP may take seconds: solve it off the loop, and keep the reports from the reconciler
             # until its plan is adopted (the next tick or report after it ends the grace).
-            self._grace_planning = self._start_planning()
+            self._grace_planning = self.autopilot.plan_now(now_s)
             self._grace_planning.add_done_callback(lambda _done: self.in_restart_grace(self.c.clock()))
             return True
         self._end_restart_grace(now_s, plan_first=True)
@@ -287,6 +327,8 @@ class WorkloadService:
 
     def _node_report(self, node_name: str, ready: bool, reports: tuple[ComponentReport, ...], now_s: float) -> None:
         self.reports[node_name] = reports if ready else ()
+        if self.autopilot is not None:
+            self.autopilot.components_reported(node_name, reports, ready, now_s)
         if self.in_restart_grace(now_s):
             return  # the reconciler hears about the node after the first plan, which adopts what it runs
         self.perform(self.reconciler.handle(rc.NodeReport(node_name, ready, reports, now_s)))
@@ -310,8 +352,10 @@ class WorkloadService:
             if spec is None or report.state not in ("ready", "draining"):
                 continue
             wanted = report.state == "ready" and placed is not None and placed.node == node_name
-            ready.append(jx.ReadyComponent(report.component_id, node_name, report.executor,
-                                           spec.max_concurrency if wanted else 0, tuple(report.device_indexes)))
+            weight = self.autopilot.weights.get(report.component_id, 1.0) if self.autopilot is not None else 1.0
+            capacity = math.ceil(spec.max_concurrency * weight - 1e-9) if wanted and weight > 0 else 0
+            ready.append(jx.ReadyComponent(report.component_id, node_name, report.executor, capacity,
+                                           tuple(report.device_indexes)))
         return tuple(sorted(ready, key=lambda r: r.component_id))
 
     def _publish_ready_components(self, now_s: float) -> None:
@@ -342,54 +386,33 @@ class WorkloadService:
                                           host.memory_total_bytes if host else 0, dict(node.labels)))
         return snapshots
 
-    def _current_components(self) -> tuple[PlacedComponent, ...]:
-        """The plan's components plus any running ones agents report that it does not know (e.g. after a
-        controller restart), so placement keeps them where they are instead of starting them again."""
+    def unplanned_running(self) -> tuple[PlacedComponent, ...]:
+        """Running components agents report that the plan does not know (e.g. after a controller restart)."""
         known = {p.component_id for p in self.plan.components}
-        adopted = [PlacedComponent(r.component_id, r.executor, node, tuple(r.device_indexes))
-                   for node, reports in sorted(self.reports.items()) for r in reports
-                   if r.component_id not in known and r.executor in self.catalog
-                   and r.state in ("pending", "starting", "ready")]
-        return (*self.plan.components, *adopted)
+        return tuple(PlacedComponent(r.component_id, r.executor, node, tuple(r.device_indexes))
+                     for node, reports in sorted(self.reports.items()) for r in reports
+                     if r.component_id not in known and r.executor in self.catalog
+                     and r.state in ("pending", "starting", "ready"))
 
-    def _planning_snapshot(self, now_s: float) -> PlanningInput:
-        assert self.optimizing is not None
-        self._replan_needed = False
-        self._replan_at_s = now_s + self.config.planning_epoch_s
-        workflows = {name: spec for name, (_, spec) in self.workflows.items()}
-        demands = sorted(set(self.demands) | set(self._job_demands.values()), key=repr)
-        profiler = getattr(self.c, "profiler", None)
-        return self.optimizing.snapshot(workflows, self.catalog, demands, list(self.c.registry.nodes.values()),
-                                        self._current_components(), now_s,
-                                        profiler.predictors if profiler is not None else None, self.avoided(),
-                                        self.live_job_executors())
-
-    def _start_planning(self) -> asyncio.Future[None]:
-        """Solve on a worker thread (the MILP takes up to its time limit); one solve at a time."""
-        self._planning = asyncio.ensure_future(self._plan_off_loop())
-        self._planning.add_done_callback(_log_planning_failure)
-        return self._planning
-
-    async def _plan_off_loop(self) -> None:
-        assert self.optimizing is not None
-        given = self._planning_snapshot(self.c.clock())
-        outcome = await asyncio.to_thread(self.optimizing.solve, given)
-        self._adopt(outcome.plan, self.c.clock(), outcome)
+    def _current_components(self) -> tuple[PlacedComponent, ...]:
+        """The plan's components plus the running ones it does not know, so placement keeps them where they
+        are instead of starting them again."""
+        return (*self.plan.components, *self.unplanned_running())
 
     async def replan_now(self, now_s: float) -> None:
         """A plan from the latest inputs before going on (a submission for a demand the plan lacks)."""
-        if self.optimizing is None:
+        if self.autopilot is None:
             self.replan(now_s)
             return
-        if self._planning is not None and not self._planning.done():
-            await asyncio.wait([self._planning])  # it may have started before this demand arrived
-        await asyncio.wait([self._start_planning()])  # a failure is logged; the caller sees no plan for it
+        self._replan_needed = False
+        await asyncio.wait([self.autopilot.plan_now(now_s)])  # a failed solve is logged; the caller sees no plan
 
     def replan(self, now_s: float) -> Plan:
-        """Plan now, on the event loop: first fit always, the optimizing planner only after a restart."""
-        if self.optimizing is not None:
-            outcome = self.optimizing.solve(self._planning_snapshot(now_s))
-            return self._adopt(outcome.plan, now_s, outcome)
+        """Plan now, on the event loop: first fit always, the autopilot only after a restart."""
+        if self.autopilot is not None:
+            self._replan_needed = False
+            self.autopilot.plan_inline(now_s)
+            return self.plan
         self._replan_needed = False
         self._replan_at_s = now_s + self.config.replan_interval_s
         workflows = {name: spec for name, (_, spec) in self.workflows.items()}
@@ -397,12 +420,15 @@ class WorkloadService:
         started = time.perf_counter()
         plan = first_fit.plan(workflows, self.catalog, demands, self.node_snapshots(), self._current_components(),
                               self.avoided(), keep_executors=self.live_job_executors())
-        self.explanation = first_fit_explanation(plan, time.perf_counter() - started)
-        return self._adopt(plan, now_s)
+        self._first_fit_explanation = first_fit_explanation(plan, time.perf_counter() - started)
+        return self.adopt_plan(plan, now_s)
 
-    def _adopt(self, plan: Plan, now_s: float, outcome: PlanOutcome | None = None) -> Plan:
-        if outcome is not None:
-            self.power_limits, self.explanation = outcome.power_limits, outcome.explanation
+    def routing_changed(self, now_s: float) -> None:
+        """The autopilot moved work between components (a hot GPU, a rollout): capacities follow."""
+        self._ready_by_node = {name: self._ready_on(name) for name in self.reports}
+        self._publish_ready_components(now_s)
+
+    def adopt_plan(self, plan: Plan, now_s: float) -> Plan:
         if plan.components != self.plan.components or plan.notes != self.plan.notes:
             for note in plan.notes:
                 log.warning("plan: %s", note)
@@ -583,8 +609,8 @@ class WorkloadService:
 
     async def close(self) -> None:
         tasks = [*self._inflight.values(), *self._commands.values()]
-        if self._planning is not None:
-            tasks.append(self._planning)  # a solve already on its thread finishes there, unused
+        if self.autopilot is not None:
+            await self.autopilot.close()  # a solve already on its thread finishes there, unused
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -711,8 +737,8 @@ class WorkloadService:
             return ErrorReply("unsatisfiable", f"workflow {msg.workflow} at SLO {dict(msg.slo) or 'default'} cannot "
                                                f"be served: {reason}")
         self.demands[demand] = now
-        if self.optimizing is not None:
-            self.optimizing.record_submit(demand, now)
+        if self.autopilot is not None:
+            self.autopilot.record_arrival(demand)
         choices = self.plan.choices[demand]
         job = StoredJob(f"j-{uuid.uuid4().hex[:12]}", msg.workflow, stored.version, spec.to_dict(), dict(msg.slo),
                         {stage: {"executor": c.executor, "knobs": dict(c.knobs)} for stage, c in choices.items()},
@@ -817,11 +843,6 @@ class WorkloadService:
                 views.append(ComponentView(placed.node, True, None, placed.component_id, placed.executor,
                                            placed.device_indexes, status.last_error if status else ""))
         return ComponentList(tuple(views))
-
-
-def _log_planning_failure(future: asyncio.Future[None]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.error("planning failed; the current plan stays", exc_info=future.exception())
 
 
 def first_fit_explanation(plan: Plan, elapsed_s: float) -> dict[str, Any]:

@@ -84,6 +84,7 @@ class Autopilot:
         self._fleet_key: tuple[Any, ...] | None = None
         self._solve_due: str | None = None  # a MILP asked for while another was in flight
         self._solve_reason = ""
+        self._changed_workflows: set[str] = set()  # redefined since the routed plan: admitted with the newest plan
         self.solve_seconds: list[float] = []
         for rack, watts in config.rack_power_budget_w.items():
             self.reactions.set_budget(rack, watts, "config")
@@ -160,6 +161,9 @@ class Autopilot:
     def _inputs(self, ev: InputsChanged, out: list[Action]) -> None:
         inputs = self.policy.inputs
         if ev.workflows is not None:
+            old = inputs.workflows
+            self._changed_workflows |= {name for name, spec in ev.workflows.items()
+                                        if name in old and _spec_key(old[name]) != _spec_key(spec)}
             inputs = replace(inputs, workflows=dict(ev.workflows))
         if ev.catalog is not None:
             inputs = replace(inputs, catalog=dict(ev.catalog))
@@ -290,6 +294,8 @@ class Autopilot:
         applied = self.rollout.apply(decision.solution, now_s, lambda current: self._place(decision.solution, current),
                                      self._config_of, self._live_ids(), self._node_live)
         self.placement = applied.result
+        if self.rollout.pending is None and kind != "replace":
+            self._changed_workflows.clear()  # routed at once: the active plan has the new definitions
         details: dict[str, Any] = {"status": decision.solution.status, "retained": applied.retained,
                                    "routing_changed": applied.routing_changed, "changed": applied.changed}
         if applied.result.unplaced:
@@ -309,6 +315,8 @@ class Autopilot:
         outcome = self.rollout.maybe_switch(now_s, self.states)
         if outcome is not None:
             kind, why = outcome
+            if kind == "switched":
+                self._changed_workflows.clear()
             out.append(Note(now_s, f"rollout-{kind}", "plan", why))
             self._publish(now_s, why, out)
 
@@ -393,14 +401,21 @@ class Autopilot:
         return {cid for states in self.states.values() for cid in states}
 
     def _admission_plan(self, components: tuple[PlacedComponent, ...]) -> Plan:
-        """The choices jobs are admitted with: the routed solution's, for demands whose executors all run."""
+        """The choices jobs are admitted with: the routed solution's, for demands whose executors all run; a
+        demand only a pending rollout serves is admitted with its choices (its jobs wait for its components)."""
         solution = self.rollout.active or self.policy.solution
         if solution is None:
             return Plan(choices={}, components=components)
-        placed = {c.executor for c in components}
+        pending = self.rollout.pending.solution if self.rollout.pending is not None else None
+        picks = dict(solution.choices)
         unsatisfiable = dict(solution.unserved)
+        if pending is not None:  # a redefined workflow's old choices may name stages or executors it no longer has
+            picks.update({d: c for d, c in pending.choices.items()
+                          if d not in picks or d.workflow in self._changed_workflows})
+            unsatisfiable = {d: why for d, why in {**unsatisfiable, **pending.unserved}.items() if d not in picks}
+        placed = {c.executor for c in components}
         choices = {}
-        for demand, stages in solution.choices.items():
+        for demand, stages in picks.items():
             missing = sorted({c.executor for c in stages.values()} - placed)
             if missing:
                 reasons = "; ".join(self.placement.reasons.get(cfg, "") for cfg in self.placement.unplaced
@@ -497,6 +512,12 @@ def _refusal(solution: Solution) -> str | None:
         return "the plan serves no demand (" + "; ".join(sorted(set(solution.unserved.values()))[:3]) + \
             "); the running plan stays"
     return None
+
+
+def _spec_key(spec: Any) -> Any:
+    """What identifies a workflow's definition (specs from the loader have ``to_dict``)."""
+    to_dict = getattr(spec, "to_dict", None)
+    return repr(to_dict()) if to_dict is not None else repr(spec)
 
 
 def _config_text(config: InstanceConfig) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from agent.tools.testdata import file_blob, make_test_video
 from common.protocol import GetPlan, SubmitJob
-from controller.jobs.planning import OptimizingPlanner
+from controller import autopilot_shell
 from tests.integration.cluster import in_process_cluster, wait_until
 from tests.integration.test_workflow_jobs import call, setup, video_qa_yaml, wait_job
 
@@ -60,17 +60,16 @@ def test_the_milp_runs_off_the_event_loop_and_the_controller_answers_meanwhile(t
     async def scenario() -> None:
         async with in_process_cluster(tmp_path, nodes=2, gpus=4, utilization=0.0,
                                       controller_settings=SETTINGS) as cluster:
-            planner = cluster.controller.workloads.optimizing
-            assert planner is not None
-            solve = planner.solve
+            assert cluster.controller.workloads.autopilot is not None
+            solve = autopilot_shell.solve
             threads: list[int] = []
 
-            def slow_solve(given):  # type: ignore[no-untyped-def]
+            def slow_solve(problem):  # type: ignore[no-untyped-def]
                 threads.append(threading.get_ident())
                 time.sleep(1.5)
-                return solve(given)
+                return solve(problem)
 
-            planner.solve = slow_solve  # type: ignore[method-assign]
+            autopilot_shell.solve = slow_solve  # type: ignore[assignment]
             await setup(cluster, ("video-qa.yaml", video_qa_yaml()))
             video = file_blob(make_test_video(tmp_path / "v.avi", [(200, 30, 30)]))
             submit = asyncio.ensure_future(call(cluster, SubmitJob("video-qa", {"video": video, "question": "q"},
@@ -104,14 +103,14 @@ def test_the_first_plan_after_a_controller_restart_is_solved_off_the_loop(tmp_pa
             before = running()
             assert before
             threads: list[int] = []
-            solve = OptimizingPlanner.solve
+            solve = autopilot_shell.solve
 
-            def slow_solve(self, given):  # type: ignore[no-untyped-def]
+            def slow_solve(problem):  # type: ignore[no-untyped-def]
                 threads.append(threading.get_ident())
                 time.sleep(1.5)
-                return solve(self, given)
+                return solve(problem)
 
-            OptimizingPlanner.solve = slow_solve  # type: ignore[method-assign]
+            autopilot_shell.solve = slow_solve  # type: ignore[assignment]
             try:
                 restarted = await cluster.restart_controller()
                 await wait_until(lambda: bool(threads), timeout_s=10, what="the first solve after the restart")
@@ -126,7 +125,7 @@ def test_the_first_plan_after_a_controller_restart_is_solved_off_the_loop(tmp_pa
                                                       {"accuracy": "basic"}))
                 assert (await wait_job(cluster, after.job_id, 60)).state == "succeeded"
             finally:
-                OptimizingPlanner.solve = solve  # type: ignore[method-assign]
+                autopilot_shell.solve = solve  # type: ignore[assignment]
             after_restart = running()
             assert {cid: after_restart.get(cid) for cid in before} == before  # none stopped or restarted
 
