@@ -449,6 +449,10 @@ class Autopilot:
     def _emit_limits_and_weights(self, now_s: float, out: list[Action]) -> None:
         planned = dict(self.placement.power_limits) if self.placement is not None else {}
         limits = self.reactions.limits(planned)
+        for key in set(self.power_limits) - set(limits):  # a cap or pin that ended: back to the default limit
+            default = self._default_limit_w(key)
+            if default is not None:
+                limits[key] = default
         if limits != self.power_limits:
             changed = sorted(k for k in set(limits) | set(self.power_limits)
                              if limits.get(k) != self.power_limits.get(k))
@@ -459,6 +463,15 @@ class Autopilot:
             if weights != self.weights:
                 self.weights = weights
                 out.append(RoutingChanged(self.rollout.active, dict(weights), "component weights changed"))
+
+    def _default_limit_w(self, key: tuple[str, int]) -> float | None:
+        for node in self.nodes:
+            if node.name == key[0]:
+                for dev in node.devices:
+                    if dev.index == key[1]:
+                        return dev.power_limit_default_w if dev.power_limit_default_w is not None \
+                            else dev.power_limit_max_w
+        return None
 
     def _cut_rank(self) -> dict[tuple[str, int], int]:
         """Budget cuts go first to GPUs whose components serve only the lowest tiers (highest rank)."""

@@ -4,7 +4,8 @@ A plan that changes which pool serves some (workflow, tier, stage), or that move
 other devices or nodes (co-location gathers or splits them; a drained or hot GPU loses them), is
 rolled out make before break: components the new placement drops keep serving the old routing
 until every component of the new placement is ready; only then does routing switch and are the
-old components dropped (their agents drain them). A replacement not ready within
+old components dropped (their agents drain them). A component placement would move but cannot place elsewhere stays where it is. A
+replacement not ready within
 ``switch_timeout_s`` is abandoned: its new components that are still not ready are dropped, the
 old components keep serving the old routing, and the next plan tries again. Plans that only change instance counts or power caps apply at once (placement
 keeps components in place and moves caps without restarts). Components on nodes that are no
@@ -77,7 +78,7 @@ class Rollout:
               node_live: Callable[[str], bool]) -> Applied:
         """Place ``solution`` (``place(current)``) and decide which dropped components keep serving."""
         current = self.current()
-        result = place(current)
+        result = _keep_unreplaced(place(current), current, config_of, node_live)
         routing_changed = self.active is None or routing_of(self.active) != routing_of(solution)
         retained: list[PlacedComponent] = []
         kept_ids = {c.component_id for c in result.components}
@@ -141,6 +142,28 @@ class Rollout:
         return "abandoned", (f"{len(names)} new component(s) not ready within switch_timeout_s "
                              f"{self.switch_timeout_s:g} s ({', '.join(names[:5])}{' ...' if len(names) > 5 else ''}): "
                              "replacement abandoned, the old components keep serving")
+
+
+def _keep_unreplaced(result: PlacementResult, current: list[PlacedComponent],
+                     config_of: Callable[[PlacedComponent], InstanceConfig],
+                     node_live: Callable[[str], bool]) -> PlacementResult:
+    """A running component that placement would move, but whose instance found no other place, stays where it
+    is: a move never takes capacity away before its replacement exists."""
+    unplaced = dict(result.unplaced)
+    kept_ids = {c.component_id for c in result.components}
+    stay = []
+    for comp in current:
+        config = config_of(comp)
+        if comp.component_id in kept_ids or unplaced.get(config, 0) <= 0 or not node_live(comp.node):
+            continue
+        unplaced[config] -= 1
+        stay.append(comp)
+    if not stay:
+        return result
+    notes = tuple(f"component {c.component_id} stays on {c.node}: no other place for it "
+                  f"({result.reasons.get(config_of(c), 'no reason given')})" for c in stay)
+    return replace(result, components=tuple(sorted((*result.components, *stay), key=lambda c: c.component_id)),
+                   unplaced={c: n for c, n in unplaced.items() if n > 0}, notes=result.notes + notes)
 
 
 def _distinct_ids(result: PlacementResult, retained: list[PlacedComponent], live_ids: set[str]) -> PlacementResult:
