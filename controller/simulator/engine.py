@@ -30,6 +30,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,7 @@ from common.devices.gpu_specs import GPU_SPECS
 from common.devices.physics import operating_point
 from controller.reconciler import DesiredChanged as DesiredChanged_
 from controller.reconciler import CommandDone, NodeReport, Reconciler, ReconcilerConfig, SendStart, SendStop, Tick
+from controller.simulator.faults import TELEMETRY_INTERVAL_S, Reaction, Thermals, matches
 from controller.simulator.cluster import (
     SimAgents, SimComponent, SimNode, Timer, build_nodes, config_of, rack_budgets, startup_s,
 )
@@ -48,7 +50,8 @@ from controller.simulator.slo import SloJudge
 from controller.simulator.trace import generate_arrivals
 from policies.autopilot.engine import Autopilot, AutopilotConfig
 from policies.autopilot.events import (
-    ComponentsObserved, DesiredChanged, FleetObserved, LoadObserved, Note, RoutingChanged, Solve, Solved,
+    BudgetSet, ComponentsObserved, DesiredChanged, FleetObserved, LoadObserved, Note, PowerLimitsChanged,
+    RoutingChanged, Solve, Solved,
 )
 from policies.autopilot.events import Tick as AutopilotTick
 from policies.model import HardwareType, InstanceConfig, PerfModel, SloTargets, Solution
@@ -57,7 +60,7 @@ from policies.perf_model import gpu_activity
 from policies.placement import DeviceState, NodeState, PlacementLimits
 from policies.plan import SLO_DIMENSIONS, SLO_TIERS, Demand, PlacedComponent
 
-TIMER, DECIDE, STEP = 0, 1, 2  # event order at equal times
+TIMER, FAULT, OBSERVE, DECIDE, STEP = 0, 1, 2, 3, 4  # event order at equal times
 MAX_REPORTED_UTILIZATION = 10.0  # overloaded pools report at most this (offered erlangs / slots)
 def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
@@ -99,6 +102,12 @@ class Simulator:
         self.limits = PlacementLimits(
             rack_power_budget_w={rack: w for rack, w in rack_budgets(self.spec).items() if w is not None},
             ambient_c=self.spec.cluster.ambient_c)
+        # Faults, and the per-GPU telemetry the autopilot reacts to (only where a scenario has faults).
+        self.telemetry = bool(self.spec.faults)
+        self.thermals = Thermals(self.spec.cluster.ambient_c)
+        self.down: set[str] = set()  # failed nodes
+        self.reaction_limits: dict[tuple[str, int], float] = {}  # limits below a component's planned cap
+        self.reactions: list[Reaction] = []
         name = getattr(policy, "name", "murakkab")
         self.autopilot = Autopilot(AutopilotConfig(
             preset=name, switch_timeout_s=self.control.switch_timeout_s, limits=self.limits,
@@ -111,6 +120,7 @@ class Simulator:
         self.routes: RouteTable | None = None
         self._solve_wall_s = 0.0
         self._decided: tuple[str, bool] | None = None  # this decision's kind and whether it changed anything
+        self._measured_w: dict[tuple[str, int], float] = {}
         self.first_plan = True
         # counters kept incrementally (see _track)
         self.groups: Counter[tuple[InstanceConfig, str]] = Counter()
@@ -154,6 +164,13 @@ class Simulator:
             t += tick_s
         for k in range(self.arrivals.steps):
             self._push(k * self.spec.step_s, STEP, k)
+        for fault in self.spec.faults:
+            self._push(fault.at_s, FAULT, fault)
+        if self.telemetry:
+            t = TELEMETRY_INTERVAL_S
+            while t < duration - 1e-9:
+                self._push(t, OBSERVE)
+                t += TELEMETRY_INTERVAL_S
         while self._heap:
             at_s, kind, _, payload = heapq.heappop(self._heap)
             if at_s >= duration:
@@ -163,6 +180,10 @@ class Simulator:
                 self._on_timer(payload, at_s)
             elif kind == DECIDE:
                 self._decide(at_s)
+            elif kind == FAULT:
+                self._fault(payload, at_s)
+            elif kind == OBSERVE:
+                self._observe_fleet(at_s)
             else:
                 self._step(payload, at_s)
         self._advance(duration)
@@ -177,6 +198,8 @@ class Simulator:
             "epoch_s": _finite(getattr(self.policy, "epoch_s", None)),  # None: plans once
             "tick_s": _finite(tick_s),
         }
+        if self.spec.faults:
+            extra["fault_reactions"] = [r.view() for r in self.reactions]
         return self.recorder.report(scenario=self.scenario.name, policy=getattr(self.policy, "name", "?"),
                                     seed=self.spec.seed, sim_wall_s=wall_s, extra=extra)
 
@@ -304,6 +327,8 @@ class Simulator:
                 queue.append(NodeReport(node, True, self.agents.reports(node), now_s))
 
     def _start(self, action: SendStart, now_s: float) -> tuple[bool, str]:
+        if action.node in self.down:
+            return False, f"node {action.node} is down"
         exe = self.scenario.catalog.get(action.executor)
         if exe is None:
             return False, f"unknown executor {action.executor!r}"
@@ -363,6 +388,9 @@ class Simulator:
         return dict(counts)
 
     def _observe_fleet(self, now_s: float) -> None:
+        if self.telemetry:
+            self._measured_w = self._device_power_w()
+            self.thermals.advance(now_s, self._measured_w, {n.name: n.hardware for n in self.nodes.values()})
         self._carry_out(self.autopilot.handle(FleetObserved(now_s, tuple(self._node_states()), self.hardware,
                                                             dict(self.devices_total))), now_s)
 
@@ -411,10 +439,17 @@ class Simulator:
                         self.window_util = {}
                         self.recorder.switches += 1
                 self.rollout_pending = self.autopilot.rollout.pending is not None
+            elif isinstance(action, PowerLimitsChanged):
+                self._apply_limits(action.limits)
             elif isinstance(action, Note):
                 self._note(action)
 
     def _note(self, note: Note) -> None:
+        for reaction in self.reactions:
+            if reaction.reacted_s is None and matches(reaction, note.kind, note.subject):
+                reaction.reacted_s, reaction.reaction = note.now_s, note.kind
+        if note.kind not in ("plan", "reactive", "replace", "plan-refused", "rollout-switched"):  # counted apart
+            self.recorder.event(note.now_s, f"autopilot {note.kind}", {"subject": note.subject, "reason": note.reason})
         if note.kind in ("plan", "reactive", "replace"):
             kind = "reactive" if note.kind == "reactive" else "plan"
             if note.kind == "plan":
@@ -437,7 +472,7 @@ class Simulator:
         self.plan = self.autopilot.rollout.plan
         if desired != self.desired:
             self.desired = desired
-            if self.agents.recap(desired):
+            if self.agents.recap(desired) | self._recap_reactions():
                 self._regroup()
             self._feed(DesiredChanged_(tuple(sorted(desired.values(), key=lambda c: c.component_id)), now_s), now_s)
         self.first_plan = False
@@ -445,9 +480,12 @@ class Simulator:
     def _node_states(self) -> list[NodeState]:
         """What placement sees: devices with the memory live components hold and the caps set on them.
 
-        Telemetry (temperature, power) is left out: placement then predicts temperatures from its
-        thermal model at the planned power, which is what the simulated devices settle at.
+        Telemetry (temperature, power) is left out unless the scenario has faults (``faults``): placement
+        then predicts temperatures from its thermal model at the planned power, which is what the
+        simulated devices settle at.
         """
+        if self.telemetry:
+            self._dirty_nodes |= set(self.nodes)
         for name in self._dirty_nodes:
             node = self.nodes[name]
             labels = {"rack": node.rack} if node.rack else {}
@@ -463,13 +501,102 @@ class Simulator:
                                 memory_used_bytes=min(total, self.agents.memory_used_bytes(name, i)),
                                 power_limit_w=self.agents.power_limits_w.get((name, i), spec.power_limit_default_w),
                                 power_limit_min_w=spec.power_limit_min_w, power_limit_max_w=spec.tdp_w,
-                                power_limit_default_w=spec.power_limit_default_w)
+                                power_limit_default_w=spec.power_limit_default_w, **self._telemetry_of(name, i))
                     for i in range(node.devices))
-            self._node_state_cache[name] = NodeState(name=name, schedulable=True, devices=devices,
+            down = name in self.down
+            self._node_state_cache[name] = NodeState(name=name, schedulable=not down, devices=devices,
                                                      cpu_cores=node.cpu_cores, memory_total_bytes=node.memory_bytes,
-                                                     labels=labels)
+                                                     labels=labels, liveness="lost" if down else "ready")
         self._dirty_nodes.clear()
         return [self._node_state_cache[n] for n in sorted(self.nodes)]
+
+    # --- faults and telemetry ------------------------------------------------------------------------
+
+    def _fault(self, fault: Any, now_s: float) -> None:
+        self.recorder.event(now_s, f"fault {fault.kind}", fault.model_dump(exclude_none=True))
+        self.reactions.append(Reaction(fault.model_dump(exclude_none=True), now_s))
+        if fault.kind == "node-failure":
+            self.down.add(fault.node)
+            for comp in list(self.agents.components.get(fault.node, {}).values()):
+                self._track(comp, comp.state, None)
+            self.agents.components.pop(fault.node, None)
+            for key in [k for k in self.agents.power_limits_w if k[0] == fault.node]:
+                del self.agents.power_limits_w[key]
+            self._dirty_nodes.add(fault.node)
+            self._feed(NodeReport(fault.node, False, (), now_s), now_s)
+            self._components_changed(fault.node, now_s)
+        elif fault.kind == "node-recovery":
+            self.down.discard(fault.node)
+            self._dirty_nodes.add(fault.node)
+            self._feed(NodeReport(fault.node, True, (), now_s), now_s)
+        elif fault.kind == "cooling-failure":
+            self.thermals.cooling_failed.add((fault.node, fault.device))
+        elif fault.kind == "cooling-restored":
+            self.thermals.cooling_failed.discard((fault.node, fault.device))
+        else:
+            self._carry_out(self.autopilot.handle(BudgetSet(now_s, fault.rack, fault.power_budget_w, "scenario")),
+                            now_s)
+        self._observe_fleet(now_s)
+
+    def _device_power_w(self) -> dict[tuple[str, int], float]:
+        """What each GPU draws now under the model: idle, or its components' share at their pool's occupancy."""
+        power: dict[tuple[str, int], float] = {}
+        for node in self.nodes.values():
+            if node.hardware != "cpu" and node.name not in self.down:
+                for i in range(node.devices):
+                    power[(node.name, i)] = self.hardware[node.hardware].idle_power_w
+        for comp in self.agents.live():
+            hw = self.hardware[comp.config.hardware]
+            if hw.kind != "gpu" or comp.node in self.down:
+                continue
+            exe = self.scenario.catalog[comp.config.executor]
+            rho = self.utilization.get(comp.config, 0.0) if comp.state == "ready" else 0.0
+            u_exec, share = gpu_activity(exe)
+            busy_w = self._device_busy_w(comp.config.hardware, u_exec, comp.config.power_cap_w, share)
+            for index in comp.device_indexes:
+                key = (comp.node, index)
+                base = power.get(key, hw.idle_power_w)
+                power[key] = max(base, hw.instance_idle_power_w) + rho * (busy_w - hw.instance_idle_power_w)
+        return power
+
+    def _telemetry_of(self, node: str, index: int) -> dict[str, Any]:
+        if not self.telemetry or node in self.down:
+            return {}
+        key = (node, index)
+        hardware = self.nodes[node].hardware
+        return {"temperature_c": self.thermals.temperature_c.get(key), "power_w": self._measured_w.get(key),
+                "throttle_reasons": self.thermals.reasons(key, hardware)}
+
+    def _apply_limits(self, limits: Mapping[tuple[str, int], float]) -> None:
+        """Limits the autopilot lowered below what a device's components were planned at (heat, budgets)."""
+        lowered: dict[tuple[str, int], float] = {}
+        for comp in self.agents.live():
+            planned = self.desired.get(comp.component_id)
+            for index in comp.device_indexes:
+                key = (comp.node, index)
+                limit = limits.get(key)
+                spec = GPU_SPECS.get(comp.config.hardware)
+                cap = planned.power_limit_w if planned is not None and planned.power_limit_w else (
+                    spec.power_limit_default_w if spec else None)
+                if limit is not None and cap is not None and limit < cap - 0.5:
+                    lowered[key] = limit
+        if lowered != self.reaction_limits:
+            self.reaction_limits = lowered
+            self.agents.recap(self.desired)
+            self._recap_reactions()
+            self._regroup()
+
+    def _recap_reactions(self) -> int:
+        """Components on devices with a lowered limit run at it (what SetPowerLimit does on a real agent)."""
+        moved = 0
+        for comp in self.agents.live():
+            limits = [self.reaction_limits[(comp.node, i)] for i in comp.device_indexes
+                      if (comp.node, i) in self.reaction_limits]
+            if limits and comp.state != "draining":
+                comp.config = replace(comp.config, power_cap_w=min(limits))
+                self.agents.set_caps(comp.node, comp.device_indexes, min(limits))
+                moved += 1
+        return moved
 
     def _regroup(self) -> None:
         """Rebuild the (config, state) counts after caps moved in place."""
@@ -507,7 +634,8 @@ class Simulator:
             self.routes = RouteTable.build(self.active, self.judge)
         ready = {config: n for (config, state), n in self.groups.items() if state == "ready" and n > 0}
         outcome: StepOutcome = self.service.evaluate(self.routes, self.arrivals.demands, counts, width_s, ready,
-                                                     merge_caps=self.rollout_pending, shared=self._sharing())
+                                                     merge_caps=self.rollout_pending or bool(self.reaction_limits),
+                                                     shared=self._sharing())
         self.utilization = outcome.utilization
         self._power = None
         # What the policies see (like Kubernetes' HPA): offered load over the slots of every instance

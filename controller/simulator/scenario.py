@@ -325,6 +325,35 @@ class ControlSpec(_Strict):
         return value
 
 
+FAULT_KINDS = ("node-failure", "node-recovery", "cooling-failure", "cooling-restored", "budget")
+
+
+class FaultSpec(_Strict):
+    """A fault or facility change at a scheduled time: a node fails or comes back (``node``, the node's
+    ``{group}-{n:04d}`` name), a GPU loses or regains its cooling (``node``, ``device``), or a power budget
+    is set (``rack``: null for the cluster; ``power_budget_w``: null clears it)."""
+
+    at_s: float = Field(ge=0)
+    kind: Literal["node-failure", "node-recovery", "cooling-failure", "cooling-restored", "budget"]
+    node: str | None = None
+    device: int | None = Field(None, ge=0)
+    rack: str | None = None
+    power_budget_w: float | None = Field(None, gt=0, le=1e9)
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self) -> "FaultSpec":
+        needs = {"node-failure": {"node"}, "node-recovery": {"node"}, "cooling-failure": {"node", "device"},
+                 "cooling-restored": {"node", "device"}, "budget": set()}[self.kind]
+        allowed = needs | ({"rack", "power_budget_w"} if self.kind == "budget" else set())
+        for name in ("node", "device", "rack", "power_budget_w"):
+            given = getattr(self, name) is not None
+            if name in needs and not given:
+                raise ValueError(f"{self.kind} needs {name}")
+            if given and name not in allowed:
+                raise ValueError(f"{self.kind} takes no {name}")
+        return self
+
+
 class ScenarioSpecModel(_Strict):
     seed: int = 0
     duration_s: float = Field(86400.0, gt=0, le=MAX_DURATION_S)
@@ -335,6 +364,8 @@ class ScenarioSpecModel(_Strict):
     workflows: list[WorkflowRef] = Field(min_length=1)
     trace: TraceSpec
     control: ControlSpec = Field(default_factory=ControlSpec)
+    faults: list[FaultSpec] = Field(default_factory=list, max_length=1000,
+                                    description="faults and budget changes at scheduled times")
 
     @field_validator("hardware")
     @classmethod
@@ -348,6 +379,22 @@ class ScenarioSpecModel(_Strict):
     def _times(self) -> "ScenarioSpecModel":
         if self.step_s > self.duration_s:
             raise ValueError(f"step_s: {self.step_s} is longer than duration_s {self.duration_s}")
+        nodes = {f"{g.name}-{n:04d}": g for g in self.cluster.node_groups for n in range(g.count)}
+        racks = {r.name for r in self.cluster.racks} | {g.rack_of(n) for g in self.cluster.node_groups
+                                                         for n in range(g.count) if g.rack_of(n)}
+        for i, fault in enumerate(self.faults):
+            where = f"faults[{i}]"
+            if fault.at_s >= self.duration_s:
+                raise ValueError(f"{where}.at_s: {fault.at_s:g} s is past the end of the scenario ({self.duration_s:g} s)")
+            if fault.node is not None and fault.node not in nodes:
+                shown = ", ".join(sorted(nodes)[:5]) + (" ..." if len(nodes) > 5 else "")
+                raise ValueError(f"{where}.node: no node {fault.node!r} (nodes are named group-NNNN: {shown})")
+            if fault.device is not None and fault.node is not None:
+                group = nodes[fault.node]
+                if group.hardware == "cpu" or fault.device >= group.devices_per_node:
+                    raise ValueError(f"{where}.device: {fault.node} has no GPU {fault.device}")
+            if fault.rack is not None and fault.rack not in racks:
+                raise ValueError(f"{where}.rack: no rack {fault.rack!r} (racks: {', '.join(sorted(racks)) or 'none'})")
         for i, burst in enumerate(self.trace.bursts):
             if burst.at_hour * 3600.0 >= self.duration_s:
                 raise ValueError(f"trace.bursts[{i}].at_hour: {burst.at_hour} h is past the end of the scenario "

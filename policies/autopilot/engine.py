@@ -131,21 +131,29 @@ class Autopilot:
         live = {n.name for n in self.nodes if n.liveness == "ready"}
         for name in [n for n in self.states if n not in live]:
             self.states[name] = {}
-        notes = self.reactions.observe(ev.now_s, self.nodes, self._cut_rank(), self.config.limits.rack_label) \
-            if self.config.react_to_heat or self.reactions.budgets else []
-        evacuate = []
-        for note in notes:
-            if not self.config.react_to_heat and note.kind.startswith("heat"):
-                continue
-            out.append(Note(ev.now_s, note.kind, note.subject, note.reason, dict(note.details)))
-            if note.kind in ("heat-migrate", "heat-cleared"):
-                evacuate.append(note.subject)
+        evacuate = self._react(ev.now_s, out)
         if before is not None and before != self._fleet_key and self.policy.solution is not None:
             changed = self._fleet_change_text(before)
             self._replace(ev.now_s, f"fleet changed ({changed}): components placed again at once", out)
             self._ask_solve(ev.now_s, f"fleet changed ({changed})", out)
         elif evacuate and self.policy.solution is not None:
             self._replace(ev.now_s, f"heat: {', '.join(evacuate)}", out)
+
+    def _react(self, now_s: float, out: list[Action]) -> list[str]:
+        """Heat and budget control loops on the latest fleet; returns the GPUs whose evacuation started or ended."""
+        if not (self.config.react_to_heat or self.reactions.budgets):
+            return []
+        notes = self.reactions.observe(now_s, self.nodes, self._cut_rank(), self.config.limits.rack_label)
+        if not self.config.react_to_heat:
+            self.reactions.hot.clear()  # the baselines' presets do not react to heat (budgets they do follow)
+        evacuate = []
+        for note in notes:
+            if not self.config.react_to_heat and note.kind.startswith("heat"):
+                continue
+            out.append(Note(now_s, note.kind, note.subject, note.reason, dict(note.details)))
+            if note.kind in ("heat-migrate", "heat-cleared"):
+                evacuate.append(note.subject)
+        return evacuate
 
     def _fleet_change_text(self, before: tuple[Any, ...]) -> str:
         old = {entry[0]: entry for entry in before}
@@ -226,7 +234,7 @@ class Autopilot:
         out.append(Note(ev.now_s, "budget-set", scope, f"{ev.source}: budget {text}; caps follow within seconds, "
                                                        "the next plan is made within it"))
         if self.nodes:
-            self.reactions.observe(ev.now_s, self.nodes, self._cut_rank(), self.config.limits.rack_label)
+            self._react(ev.now_s, out)  # caps follow on the latest telemetry, not at the next heartbeat
         self._ask_solve(ev.now_s, f"{scope} budget {text}", out)
 
     def _pin(self, ev: PinSet | PinCleared, out: list[Action]) -> None:

@@ -10,8 +10,9 @@
 - **Power budgets.** A cluster budget and per-rack budgets (racks from the node label ``rack``) bound
   the measured GPU power in their scope. Above a budget, caps come down within one control interval
   (``budget_interval_s``): devices that serve only the lowest SLO tiers first, then the busiest, each
-  no lower than its minimum limit, until the cut covers the excess plus ``budget_margin``. Below
-  ``budget_release_fraction`` of the budget, the budget caps rise again step by step. A budget below
+  no lower than its minimum limit, until the cut covers the excess plus ``budget_margin``. Once power
+  has stayed under ``budget_release_fraction`` of the budget for ``budget_release_after_s``, the budget
+  caps rise again a step per interval (a cut shows at once; raising them too early would cut again). A budget below
   what its scope draws at the lowest caps is infeasible: it is reported (``BudgetView.feasible``) and
   met as far as the caps go; the next plans are made within the budget (``Problem.budgets.power_w``
   for the cluster, placement's rack budgets), which sheds the demands the MILP cannot fit.
@@ -47,13 +48,14 @@ class ReactionConfig:
     budget_interval_s: float = 3.0  # act again only after the last cut had time to show in telemetry
     budget_margin: float = 0.03
     budget_release_fraction: float = 0.9
-    budget_release_step: float = 0.1  # of a device's max limit, per interval
+    budget_release_after_s: float = 30.0  # measured power must stay under the release fraction this long first
+    budget_release_step: float = 0.05  # of a device's max limit, per interval
 
     def __post_init__(self) -> None:
         if not 0.0 < self.heat_cap_fraction <= 1.0 or not 0.0 <= self.heat_weight <= 1.0:
             raise ValueError("heat_cap_fraction must be within (0, 1] and heat_weight within [0, 1]")
         if min(self.heat_margin_c, self.heat_migrate_after_s, self.heat_cool_after_s, self.heat_hysteresis_c,
-               self.budget_interval_s, self.budget_margin) < 0:
+               self.budget_interval_s, self.budget_margin, self.budget_release_after_s) < 0:
             raise ValueError("heat and budget settings must not be negative")
         if not 0.0 < self.budget_release_fraction < 1.0 or not 0.0 < self.budget_release_step <= 1.0:
             raise ValueError("budget_release_fraction must be within (0, 1), budget_release_step within (0, 1]")
@@ -78,6 +80,7 @@ class _Budget:
     floor_w: float = 0.0
     feasible: bool = True
     over_since_s: float | None = None
+    under_since_s: float | None = None  # measured below the release fraction since
 
 
 @dataclass(frozen=True)
@@ -193,9 +196,13 @@ class Reactions:
         budget.measured_w, budget.floor_w = measured, floor
         live = {(n.name, d.index) for n, d in devices}
         budget.caps_w = {k: w for k, w in budget.caps_w.items() if k in live}
+        limit = budget.power_budget_w
+        if measured >= limit * c.budget_release_fraction:
+            budget.under_since_s = None
+        elif budget.under_since_s is None:
+            budget.under_since_s = now_s
         if now_s - budget.acted_s < c.budget_interval_s - 1e-9:
             return
-        limit = budget.power_budget_w
         if measured > limit:
             if budget.over_since_s is None:
                 budget.over_since_s = now_s
@@ -232,7 +239,8 @@ class Reactions:
         budget.over_since_s = None
         if measured < limit * (1.0 - c.budget_margin):
             budget.feasible = budget.feasible or floor <= limit
-        if budget.caps_w and measured < limit * c.budget_release_fraction:
+        settled = budget.under_since_s is not None and now_s - budget.under_since_s >= c.budget_release_after_s - 1e-9
+        if budget.caps_w and settled:
             raised = 0
             for node, dev in devices:
                 key = (node.name, dev.index)

@@ -228,9 +228,11 @@ def test_a_cut_budget_brings_caps_down_lowest_tiers_first_and_releases_them_late
     assert notes(actions, "budget")
     view = pilot.reactions.budget_view()["budgets"][0]
     assert view["scope"] == "cluster" and view["over"] and view["feasible"]
-    # power came down: after a while below 90 % of the budget the caps rise again
+    # power came down: once it has stayed below 90 % of the budget for 30 s, the caps rise again
     low = node("n1", busy(0, 350.0), busy(1, 400.0))
-    actions = pilot.handle(fleet(20.0, low))
+    assert not notes(pilot.handle(fleet(20.0, low)), "budget-release")
+    assert not notes(pilot.handle(fleet(49.0, low)), "budget-release")
+    actions = pilot.handle(fleet(50.0, low))
     assert notes(actions, "budget-release") and pilot.power_limits[basic_gpu] > limits[basic_gpu]
 
 
