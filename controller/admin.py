@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import math
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgpack
 
@@ -21,12 +21,11 @@ from common.protocol import (
     StartProfile, SubmitJob, UndrainNode, UnpinPowerLimit, build_dispatch,
 )
 from common.transport import PeerUnreachable, RemoteError, RequestTimeout
+from controller.context import ControllerContext
 from controller.registry import (
     Accepted, DrainRequested, LabelsChanged, Liveness, NodeRecord, Rejected, UndrainRequested,
 )
 
-if TYPE_CHECKING:
-    from controller.daemon import Controller
 
 log = logging.getLogger("murakkab.controller.admin")
 
@@ -38,7 +37,7 @@ NO_AUTOPILOT = ErrorReply("unavailable", "this controller runs no power autopilo
 
 
 class AdminApi:
-    def __init__(self, controller: "Controller") -> None:
+    def __init__(self, controller: ControllerContext) -> None:
         self.controller = controller
         self.dispatch = build_dispatch("controller.admin", {
             ListNodes: self.list_nodes, GetNode: self.get_node, DrainNode: self.drain, UndrainNode: self.undrain,

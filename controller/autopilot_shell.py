@@ -22,7 +22,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from prometheus_client import Counter as MetricCounter
 
@@ -44,8 +44,30 @@ from policies.perf_model import CatalogPerfModel
 from policies.placement import PlacementLimits
 from policies.plan import Demand, PlacedComponent
 
-if TYPE_CHECKING:
-    from controller.jobs.service import WorkloadService
+
+
+class WorkloadPort(Protocol):
+    """What the shell needs of the workload service (controller.jobs.service.WorkloadService)."""
+
+    c: Any
+    store: Any
+    executor: Any
+    catalog: dict[str, Any]
+    workflows: dict[str, tuple[Any, Any]]
+
+    def wanted_demands(self) -> tuple[Demand, ...]: ...
+
+    def live_job_executors(self) -> frozenset[str]: ...
+
+    def avoided(self) -> dict[tuple[str, str], str]: ...
+
+    def avoid_entries(self) -> dict[tuple[str, str], tuple[float, str]]: ...
+
+    def unplanned_running(self) -> tuple[PlacedComponent, ...]: ...
+
+    def adopt_plan(self, plan: Any, now_s: float) -> Any: ...
+
+    def routing_changed(self, now_s: float) -> None: ...
 
 log = logging.getLogger("murakkab.controller.autopilot")
 
@@ -94,7 +116,7 @@ def build_planning(settings: AutopilotSettings, inputs: PlanningInputs) -> Any:
 
 
 class AutopilotShell:
-    def __init__(self, workloads: "WorkloadService", settings: AutopilotSettings) -> None:
+    def __init__(self, workloads: WorkloadPort, settings: AutopilotSettings) -> None:
         self.w = workloads
         self.c = workloads.c
         self.settings = settings
@@ -132,9 +154,12 @@ class AutopilotShell:
 
     def _load_state(self) -> None:
         row = self.db.execute("SELECT value_json FROM autopilot_state WHERE key = 'snapshot'").fetchone()
+        self.stored_avoid: list[tuple[str, str, float, str]] = []  # (executor, node, until unix s, why)
         if row is not None:
             try:
-                self.autopilot.restore(json.loads(row[0]))
+                saved = json.loads(row[0])
+                self.autopilot.restore(saved)
+                self.stored_avoid = [(str(e), str(n), float(u), str(w)) for e, n, u, w in saved.get("avoid", ())]
             except (ValueError, TypeError, KeyError) as exc:
                 log.error("stored autopilot state does not parse; starting without it: %s", exc)
         for seq, at, kind, subject, reason, details in self.db.execute(
@@ -144,8 +169,12 @@ class AutopilotShell:
                                 "details": json.loads(details)})
 
     def save_state(self) -> None:
+        """Forecast, budgets, pins and the avoid list, for the next controller start."""
+        offset = time.time() - self.c.clock()
+        avoid = [[executor, node, until_s + offset, why] for (executor, node), (until_s, why)
+                 in self.w.avoid_entries().items()]
         self.db.execute("INSERT OR REPLACE INTO autopilot_state (key, value_json) VALUES ('snapshot', ?)",
-                        (json.dumps(self.autopilot.snapshot()),))
+                        (json.dumps({**self.autopilot.snapshot(), "avoid": avoid}),))
 
     # --- the admin API ----------------------------------------------------------------------------
 
@@ -265,7 +294,7 @@ class AutopilotShell:
 
     def inputs_changed(self, now_s: float, replan: bool, running: tuple[PlacedComponent, ...] = ()) -> None:
         workflows = {name: spec for name, (_, spec) in self.w.workflows.items()}
-        demands = tuple(sorted(set(self.w.demands) | set(self.w._job_demands.values()), key=repr))
+        demands = self.w.wanted_demands()
         if running:
             self.autopilot.adopt_running(running)
         self._feed(InputsChanged(now_s, workflows=workflows, catalog=dict(self.w.catalog), perf=self.perf(),

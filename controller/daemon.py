@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 
 from common.metrics import DeviceCollector, serve_metrics
 from common.protocol import (
@@ -27,6 +27,7 @@ from common.transport import PeerUnreachable, RemoteError, RequestTimeout, RpcEn
 from controller.admin import AdminApi
 from controller.autopilot_shell import AutopilotSettings
 from controller.config import ControllerSettings
+from controller.context import ControllerMetrics
 from controller.jobs.service import WorkloadConfig, WorkloadService
 from controller.profiler import ProfilerService
 from controller.registry import (
@@ -36,20 +37,6 @@ from controller.registry import (
 from controller.store import Store
 
 log = logging.getLogger("murakkab.controller")
-
-
-class ControllerMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.frames_rejected = Counter("murakkab_frames_rejected", "Frames refused by strict decoding.",
-                                       ["endpoint", "code"], registry=registry)
-        self.heartbeats = Counter("murakkab_heartbeats", "Heartbeats received.", ["result"], registry=registry)
-        self.heartbeat_handling = Histogram(
-            "murakkab_heartbeat_handling_seconds", "Time from a heartbeat's arrival to its reply.",
-            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
-            registry=registry)
-        self.transitions = Counter("murakkab_node_transitions", "Node state transitions.", ["to"], registry=registry)
-        self.commands = Counter("murakkab_commands", "Commands sent to agents.", ["op", "result"], registry=registry)
-        self.jobs = Counter("murakkab_jobs", "Jobs accepted and ended, by outcome.", ["result"], registry=registry)
 
 
 class Controller:

@@ -35,7 +35,7 @@ import statistics
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from common import __version__
 from common.protocol import (
@@ -46,6 +46,7 @@ from common.transport import PeerUnreachable, RemoteError, RequestTimeout
 from common.workflow.catalog import ExecutorSpec
 from common.workflow.tasks import TASKS
 from common.workflow.types import BLOBS, RECORDS, element_type
+from controller.context import ControllerContext
 from controller.profiles_store import ProfileStore, StoredRun
 from controller.registry import Liveness, NodeRecord
 from policies.perf_model import CatalogPerfModel, hardware_key, standard_hardware
@@ -55,8 +56,6 @@ from policies.profiles import (
     sweep_from_dict, task_uses_items, task_uses_prompt,
 )
 
-if TYPE_CHECKING:
-    from controller.daemon import Controller
 
 log = logging.getLogger("murakkab.controller.profiler")
 
@@ -298,7 +297,7 @@ class _Run:
 class ProfilerService:
     """Profile runs and the predictors fitted on stored samples."""
 
-    def __init__(self, controller: "Controller", config: ProfilerConfig | None = None) -> None:
+    def __init__(self, controller: ControllerContext, config: ProfilerConfig | None = None) -> None:
         self.c = controller
         self.config = config or ProfilerConfig(command_timeout_s=controller.settings.command_timeout_s)
         self.store = ProfileStore(controller.store.db)

@@ -17,33 +17,31 @@ import time
 import uuid
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import ValidationError
 
 from common.protocol import (
-    CancelInvocation, CatalogApplied, ComponentList, ComponentReport, ComponentView, ErrorReply, ExecutorList,
-    ExecutorView, InvocationResult, InvocationView, Invoke, JobAccepted, JobDetail, JobList, JobSummary, JobView,
-    ProtocolError, StartComponent, StopComponent, SubmitJob, WorkflowApplied, WorkflowDeleted, WorkflowDetail,
-    WorkflowList, WorkflowSummary,
+    CancelInvocation, ComponentList, ComponentReport, ComponentView, ErrorReply, InvocationResult, InvocationView, Invoke, JobAccepted, JobDetail, JobList, JobSummary, JobView,
+    ProtocolError, StartComponent, StopComponent, SubmitJob,
 )
 from common.transport import PeerUnreachable, RemoteError, RequestTimeout
 from common.workflow.catalog import ExecutorSpec
-from common.workflow.loader import SpecError, load_catalog, load_workflow
+from common.workflow.loader import SpecError
 from common.workflow.spec import WorkflowSpec
 from common.workflow.types import check_value, value_bytes
-from controller.jobs import executor as jx
-from controller.autopilot_shell import AutopilotSettings, AutopilotShell
-from controller.jobs.store import InvocationRow, StoredJob, StoredWorkflow, WorkloadStore
 from controller import reconciler as rc
+from controller.autopilot_shell import AutopilotSettings, AutopilotShell
+from controller.context import ControllerContext
+from controller.jobs import executor as jx
+from controller.jobs.catalog_admin import CatalogAdmin
+from controller.jobs.store import InvocationRow, StoredJob, StoredWorkflow, WorkloadStore
 from controller.registry import Liveness, NodeRecord
 from policies import first_fit
 from policies.plan import (
     SLO_DIMENSIONS, SLO_TIERS, Demand, DeviceSlot, NodeSnapshot, PlacedComponent, Plan, StageChoice,
 )
 
-if TYPE_CHECKING:
-    from controller.daemon import Controller
 
 log = logging.getLogger("murakkab.controller.jobs")
 
@@ -70,8 +68,8 @@ class WorkloadConfig:
     avoid_node_s: float = 600.0  # ... for this long (then it may be tried there again)
 
 
-class WorkloadService:
-    def __init__(self, controller: "Controller", config: WorkloadConfig) -> None:
+class WorkloadService(CatalogAdmin):
+    def __init__(self, controller: ControllerContext, config: WorkloadConfig) -> None:
         self.c = controller
         self.config = config
         self.store = WorkloadStore(controller.store.db)
@@ -106,6 +104,11 @@ class WorkloadService:
         self._failures_forgiven: dict[tuple[str, str], int] = {}  # (node, component id) -> failures counted already
         self.autopilot = (AutopilotShell(self, dataclasses.replace(config.autopilot, preset=config.planner))
                           if config.planner != "first-fit" else None)
+        if self.autopilot is not None:  # the avoid list survives a restart, in wall time
+            offset = time.time() - controller.clock()
+            for executor, node, until_unix_s, why in self.autopilot.stored_avoid:
+                if until_unix_s > time.time():
+                    self._avoid[(executor, node)] = (until_unix_s - offset, why)
         self._power_limit_sent_s: dict[tuple[str, int], float] = {}
         self._first_fit_explanation: dict[str, Any] = {"planner": config.planner}
 
@@ -246,10 +249,18 @@ class WorkloadService:
                 result[name] = f"every component failed {self.config.start_failure_limit}+ times (last: {last})"[:500]
         return result
 
+    def wanted_demands(self) -> tuple[Demand, ...]:
+        """Demands the plan must serve: recently asked for, or named by unfinished jobs."""
+        return tuple(sorted(set(self.demands) | set(self._job_demands.values()), key=repr))
+
     def live_job_executors(self) -> frozenset[str]:
         """Executors that unfinished jobs' stored choices name: the plan keeps them running even when a
         workflow update or a re-plan would choose others for new jobs."""
         return frozenset().union(*self._job_executors.values()) if self._job_executors else frozenset()
+
+    def avoid_entries(self) -> dict[tuple[str, str], tuple[float, str]]:
+        """(executor, node) -> (until, on the controller's clock; why)."""
+        return dict(self._avoid)
 
     def avoided(self) -> dict[tuple[str, str], str]:
         """(executor, node) pairs the planners do not use for now, with why."""
@@ -416,7 +427,7 @@ class WorkloadService:
         self._replan_needed = False
         self._replan_at_s = now_s + self.config.replan_interval_s
         workflows = {name: spec for name, (_, spec) in self.workflows.items()}
-        demands = sorted(set(self.demands) | set(self._job_demands.values()), key=repr)
+        demands = list(self.wanted_demands())
         started = time.perf_counter()
         plan = first_fit.plan(workflows, self.catalog, demands, self.node_snapshots(), self._current_components(),
                               self.avoided(), keep_executors=self.live_job_executors())
@@ -617,88 +628,6 @@ class WorkloadService:
         for waiters in self._waiters.values():
             for waiter in waiters:
                 waiter.cancel()
-
-    # --- admin: catalog and workflows ------------------------------------------------------
-
-    def apply_catalog(self, source_name: str, yaml_text: str) -> Any:
-        try:
-            executors = load_catalog(yaml_text, source_name)
-        except SpecError as exc:
-            return ErrorReply("invalid_catalog", str(exc))
-        version = self.store.save_executors([(e.name, e.model_dump(mode="json")) for e in executors], source_name)
-        for executor in executors:
-            self.catalog[executor.name] = executor
-            self.catalog_versions[executor.name] = version
-        self._replan_needed = True
-        warnings = tuple(self._unserved_tasks_warnings())
-        log.info("catalog v%d from %s: %s", version, source_name, ", ".join(e.name for e in executors))
-        return CatalogApplied(version, tuple(e.name for e in executors), warnings)
-
-    def _missing_tasks(self, spec: WorkflowSpec) -> list[str]:
-        """The workflow's tasks no executor in the catalog implements."""
-        return sorted({s.task for s in spec.stages} - {e.task for e in self.catalog.values()})
-
-    def _unserved_tasks_warnings(self) -> list[str]:
-        warnings = []
-        for name, (_, spec) in sorted(self.workflows.items()):
-            missing = self._missing_tasks(spec)
-            if missing:
-                warnings.append(f"workflow {name}: no executor in the catalog for task(s) {', '.join(missing)}")
-        return warnings
-
-    def list_executors(self) -> ExecutorList:
-        views = []
-        for name, spec in sorted(self.catalog.items()):
-            views.append(ExecutorView(name, spec.task, spec.engine, spec.resources.device, self.catalog_versions[name],
-                                      {k: tuple(v.values) for k, v in spec.knobs.items()}, spec.model_dump(mode="json")))
-        return ExecutorList(tuple(views))
-
-    def apply_workflow(self, source_name: str, yaml_text: str) -> Any:
-        try:
-            spec = load_workflow(yaml_text, source_name)
-        except SpecError as exc:
-            return ErrorReply("invalid_workflow", str(exc))
-        version, unchanged = self.store.save_workflow(spec.name, yaml_text, spec.to_dict(), source_name)
-        stored = self.store.latest_workflow(spec.name)
-        assert stored is not None
-        self.workflows[spec.name] = (stored, spec)
-        self.demands[Demand(spec.name)] = self.c.clock()
-        self._replan_needed = True
-        missing = self._missing_tasks(spec)
-        warnings = (f"no executor in the catalog for task(s) {', '.join(missing)}; jobs will be refused until "
-                    "a catalog provides them",) if missing else ()
-        return WorkflowApplied(spec.name, version, unchanged, warnings)
-
-    def _summary(self, stored: StoredWorkflow, spec: WorkflowSpec) -> WorkflowSummary:
-        return WorkflowSummary(spec.name, stored.version, spec.description, len(spec.stages), spec.input_types(),
-                               stored.applied_at_unix_s)
-
-    def list_workflows(self) -> WorkflowList:
-        return WorkflowList(tuple(self._summary(s, w) for _, (s, w) in sorted(self.workflows.items())))
-
-    def get_workflow(self, name: str) -> Any:
-        entry = self.workflows.get(name)
-        if entry is None:
-            return self._unknown_workflow(name)
-        stored, spec = entry
-        return WorkflowDetail(self._summary(stored, spec), stored.yaml_text, spec.to_dict())
-
-    def delete_workflow(self, name: str) -> Any:
-        if name not in self.workflows:
-            return self._unknown_workflow(name)
-        live = sorted(job_id for job_id, demand in self._job_demands.items() if demand.workflow == name)
-        if live:
-            shown = ", ".join(live[:5]) + (f" and {len(live) - 5} more" if len(live) > 5 else "")
-            return ErrorReply("workflow_in_use", f"workflow {name} has {len(live)} unfinished job(s) ({shown}); "
-                                                 "cancel them or wait for them to end, then delete it")
-        versions = self.store.delete_workflow(name)
-        del self.workflows[name]
-        self._replan_needed = True
-        return WorkflowDeleted(name, versions)
-
-    def _unknown_workflow(self, name: str) -> ErrorReply:
-        known = ", ".join(sorted(self.workflows)) or "none applied"
-        return ErrorReply("unknown_workflow", f"no workflow named {name!r} (known: {known})")
 
     # --- admin: jobs -----------------------------------------------------------------------
 

@@ -67,6 +67,7 @@ class Autopilot:
         self.rollout = Rollout(config.switch_timeout_s)
         self.reactions = Reactions(config.reactions)
         self.nodes: tuple[NodeState, ...] = ()
+        self._by_name: dict[str, NodeState] = {}
         self.hardware: dict[str, HardwareType] = {}
         self.devices_available: dict[str, int] = {}
         self.states: dict[str, dict[str, str]] = {}  # node -> component id -> state
@@ -124,6 +125,7 @@ class Autopilot:
     def _fleet(self, ev: FleetObserved, out: list[Action]) -> None:
         before = self._fleet_key
         self.nodes, self.hardware = tuple(ev.nodes), dict(ev.hardware)
+        self._by_name = {n.name: n for n in self.nodes}
         self.devices_available = dict(ev.devices_available)
         self._fleet_key = tuple(sorted((n.name, n.schedulable, n.liveness, n.admin,
                                         tuple((d.index, d.hardware, d.health) for d in n.devices),
@@ -391,9 +393,10 @@ class Autopilot:
         return result, notes
 
     def _config_of(self, comp: PlacedComponent) -> InstanceConfig:
-        node = next((n for n in self.nodes if n.name == comp.node), None)
-        devices = {d.index: d for d in node.devices} if node is not None else {}
-        first = devices.get(comp.device_indexes[0]) if comp.device_indexes else None
+        node = self._by_name.get(comp.node)
+        first = None
+        if node is not None and comp.device_indexes:
+            first = next((d for d in node.devices if d.index == comp.device_indexes[0]), None)
         exe = self.policy.inputs.catalog.get(comp.executor)
         on_gpu = exe is not None and exe.resources.device == "gpu" and first is not None and first.kind == "gpu"
         if not on_gpu:
@@ -403,7 +406,8 @@ class Autopilot:
         return component_config(comp, first.hardware, True, default)
 
     def _node_live(self, name: str) -> bool:
-        return any(n.name == name and n.liveness == "ready" for n in self.nodes)
+        node = self._by_name.get(name)
+        return node is not None and node.liveness == "ready"
 
     def _live_ids(self) -> set[str]:
         return {cid for states in self.states.values() for cid in states}
@@ -447,9 +451,10 @@ class Autopilot:
         weights = {}
         plan_ids = {c.component_id for c in self.rollout.plan}
         pending = self.rollout.pending is not None
+        live = self._live_ids() if pending else set()
         for comp in components:
             weight = self.reactions.weight(comp.node, comp.device_indexes) if self.config.react_to_heat else 1.0
-            if pending and comp.component_id in plan_ids and comp.component_id not in self._live_ids():
+            if pending and comp.component_id in plan_ids and comp.component_id not in live:
                 weight = 0.0  # not started yet: nothing to route to
             weights[comp.component_id] = weight
         return weights
@@ -473,12 +478,10 @@ class Autopilot:
                 out.append(RoutingChanged(self.rollout.active, dict(weights), "component weights changed"))
 
     def _default_limit_w(self, key: tuple[str, int]) -> float | None:
-        for node in self.nodes:
-            if node.name == key[0]:
-                for dev in node.devices:
-                    if dev.index == key[1]:
-                        return dev.power_limit_default_w if dev.power_limit_default_w is not None \
-                            else dev.power_limit_max_w
+        node = self._by_name.get(key[0])
+        for dev in node.devices if node is not None else ():
+            if dev.index == key[1]:
+                return dev.power_limit_default_w if dev.power_limit_default_w is not None else dev.power_limit_max_w
         return None
 
     def _cut_rank(self) -> dict[tuple[str, int], int]:

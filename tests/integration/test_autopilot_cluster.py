@@ -9,7 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.protocol import DrainNode, GetPlan, InjectDeviceFault, ListEvents, SetPowerBudget, SubmitJob
+from agent.components.engines.base import EngineError
+from common.protocol import (
+    DrainNode, GetPlan, InjectDeviceFault, ListEvents, SetNodePowerLimit, SetPowerBudget, SubmitJob,
+)
 from tests.integration.cluster import InProcessCluster, in_process_cluster, wait_until
 from tests.integration.test_workflow_jobs import call, setup, slow_chat_workflow, wait_job
 
@@ -138,5 +141,51 @@ def test_a_budget_cut_brings_measured_gpu_power_under_the_budget(tmp_path: Path)
             assert "budget-set" in kinds and "budget" in kinds, kinds
             await call(cluster, SetPowerBudget(None, None))
             await wait_until(lambda: measured_w() > 2400.0, timeout_s=30, what="the caps to rise again")
+
+    asyncio.run(scenario())
+
+
+def test_budgets_pins_and_the_avoid_list_survive_a_controller_restart(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with in_process_cluster(tmp_path, nodes=2, gpus=1, utilization=0.0) as cluster:
+            await call(cluster, SetPowerBudget(None, 5000.0))
+            await call(cluster, SetNodePowerLimit("node-0", 0, 400.0))
+            workloads = cluster.controller.workloads
+            workloads._avoid[("sim-slow-chat", "node-1")] = (cluster.controller.clock() + 600.0, "drill")
+            workloads.autopilot.save_state()
+            restarted = await cluster.restart_controller()
+            shell = restarted.workloads.autopilot
+            assert shell.budget_view()["budgets"][0]["power_budget_w"] == 5000.0
+            assert shell.pins_for("node-0") == {0: 400.0}
+            assert restarted.workloads.avoided() == {("sim-slow-chat", "node-1"): "drill"}
+            kinds = [e["kind"] for e in await events(cluster)]  # the log is stored too
+            assert "budget-set" in kinds and "pin" in kinds, kinds
+
+    asyncio.run(scenario())
+
+
+def test_work_for_an_executor_no_node_can_serve_fails_within_a_minute_with_the_reason(tmp_path: Path) -> None:
+    """Every engine for the stage fails to start: after the failures on each node the executor avoids every
+    node, and the queued job fails with that reason instead of waiting out the 900 s queue timeout."""
+    async def scenario() -> None:
+        settings = {"start_failure_limit": 2}
+        async with in_process_cluster(tmp_path, nodes=2, gpus=1, utilization=0.0,
+                                      controller_settings=settings) as cluster:
+            for agent in cluster.agents.values():
+                healthy = agent.components.engine_factory
+
+                def broken(ctx, *, clock, healthy=healthy):  # type: ignore[no-untyped-def]
+                    if ctx.executor.name == "sim-slow-chat":
+                        raise EngineError("engine_failed", "weights corrupted", retryable=True)
+                    return healthy(ctx, clock=clock)
+
+                agent.components.engine_factory = broken
+            await setup(cluster, ("slow-chat.yaml", slow_chat_workflow()), extra=[chat_executor(0.1)])
+            started = time.monotonic()
+            accepted = await call(cluster, SubmitJob("slow-chat", {"question": "anyone?"}))
+            job = await wait_job(cluster, accepted.job_id, 75)
+            assert job.state == "failed" and "cannot be served" in job.reason, job.reason
+            assert "sim-slow-chat" in job.reason
+            assert time.monotonic() - started < 60.0
 
     asyncio.run(scenario())
