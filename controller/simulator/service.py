@@ -64,18 +64,6 @@ class RouteTable:
     routes: dict[Demand, Route]
     unroutable: dict[Demand, str] = field(default_factory=dict)
 
-    @staticmethod
-    def routing_of(solution: Solution) -> dict[tuple[Demand, str], tuple]:
-        """Which pool and option serve each (demand, stage): what a plan change must roll out."""
-        result: dict[tuple[Demand, str], tuple] = {}
-        for demand, stages in solution.configs.items():
-            choices = solution.choices.get(demand, {})
-            for stage, config in stages.items():
-                choice = choices.get(stage)
-                knobs = tuple(sorted((k, repr(v)) for k, v in choice.knobs.items())) if choice else ()
-                result[(demand, stage)] = (config, choice.executor if choice else None, knobs)
-        return result
-
     def pools_used(self) -> list[InstanceConfig]:
         """Every pool the routing sends load to, in a stable order."""
         return list(dict.fromkeys(pool for route in self.routes.values() for pool in route.pools.values()))
