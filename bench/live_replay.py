@@ -234,7 +234,8 @@ def reactions(drills: list[dict[str, Any]], samples: list[dict[str, Any]], event
             entry["lost_after_s"] = None if lost is None else round(lost["t"] - t0 - d["at_s"], 1)
             replaced = next((e for e in events if e["kind"] == "replace" and node in e["reason"]
                              and e["at_unix_s"] - t0_unix >= d["at_s"]), None)
-            entry["replaced_after_s"] = None if replaced is None else round(replaced["at_unix_s"] - t0_unix - d["at_s"], 1)
+            entry["replaced_after_s"] = (None if replaced is None
+                                         else round(replaced["at_unix_s"] - t0_unix - d["at_s"], 1))
             before = {k for k in (after[0]["held"] if after else {}) if k.startswith(node + "/")}
             entry["held_on_node_before"] = sorted(before)
         out.append(entry)
@@ -354,8 +355,9 @@ def main() -> int:
     print(json.dumps(result["comparison"], indent=2))
     for r in live["reactions"]:
         print("live reaction:", json.dumps(r))
-    print(f"live: {json.dumps({k: live[k] for k in ('gpu_hours', 'energy_kwh', 'fleet_energy_kwh', 'slo_attainment', 'jobs', 'states', 'failures')}, default=str)}")
-    print(f"simulator: {json.dumps({k: simulated[k] for k in ('gpu_hours', 'energy_kwh', 'fleet_energy_kwh', 'slo_attainment')})}")
+    shown = ("gpu_hours", "energy_kwh", "fleet_energy_kwh", "slo_attainment")
+    print("live:", json.dumps({k: live[k] for k in (*shown, "jobs", "states", "failures")}, default=str))
+    print("simulator:", json.dumps({k: simulated[k] for k in shown}))
     print(f"wrote {args.out}")
     return 0
 

@@ -22,8 +22,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from common.protocol import (
-    CancelInvocation, ComponentList, ComponentReport, ComponentView, ErrorReply, InvocationResult, InvocationView, Invoke, JobAccepted, JobDetail, JobList, JobSummary, JobView,
-    ProtocolError, StartComponent, StopComponent, SubmitJob,
+    CancelInvocation, ComponentList, ComponentReport, ComponentView, ErrorReply, InvocationResult, InvocationView,
+    Invoke, JobAccepted, JobDetail, JobList, JobSummary, JobView, ProtocolError, StartComponent, StopComponent,
+    SubmitJob,
 )
 from common.transport import PeerUnreachable, RemoteError, RequestTimeout
 from common.workflow.catalog import ExecutorSpec
@@ -41,7 +42,6 @@ from policies import first_fit
 from policies.plan import (
     SLO_DIMENSIONS, SLO_TIERS, Demand, DeviceSlot, NodeSnapshot, PlacedComponent, Plan, StageChoice,
 )
-
 
 log = logging.getLogger("murakkab.controller.jobs")
 

@@ -385,7 +385,8 @@ class ScenarioSpecModel(_Strict):
         for i, fault in enumerate(self.faults):
             where = f"faults[{i}]"
             if fault.at_s >= self.duration_s:
-                raise ValueError(f"{where}.at_s: {fault.at_s:g} s is past the end of the scenario ({self.duration_s:g} s)")
+                raise ValueError(f"{where}.at_s: {fault.at_s:g} s is past the end of the scenario "
+                                 f"({self.duration_s:g} s)")
             if fault.node is not None and fault.node not in nodes:
                 shown = ", ".join(sorted(nodes)[:5]) + (" ..." if len(nodes) > 5 else "")
                 raise ValueError(f"{where}.node: no node {fault.node!r} (nodes are named group-NNNN: {shown})")

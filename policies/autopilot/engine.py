@@ -44,7 +44,7 @@ PRESETS = ("static", "murakkab-epoch", "murakkab")
 class AutopilotConfig:
     """How the engine around the planning core behaves (the core has its own settings)."""
 
-    preset: str = "murakkab"  # the planning core's name, as ``plan show`` reports it (one of PRESETS when built by name)
+    preset: str = "murakkab"  # the planning core's name as ``plan show`` reports it (PRESETS when built by name)
     switch_timeout_s: float = 600.0  # a replacement not ready by then is abandoned
     reactions: ReactionConfig = field(default_factory=ReactionConfig)
     react_to_heat: bool = True  # the paper's baselines do not (placement still checks thermal headroom)
@@ -223,7 +223,8 @@ class Autopilot:
         self._switch(ev.now_s, out)
 
     def _budget(self, ev: BudgetSet, out: list[Action]) -> None:
-        racks = {n.labels[self.config.limits.rack_label] for n in self.nodes if self.config.limits.rack_label in n.labels}
+        label = self.config.limits.rack_label
+        racks = {n.labels[label] for n in self.nodes if label in n.labels}
         racks |= {r for r in self.reactions.budgets if r is not None}  # a rack whose nodes all left can be cleared
         error = budget_error(ev.rack, ev.power_budget_w, racks)
         if error is not None:

@@ -4,12 +4,12 @@ A plan that changes which pool serves some (workflow, tier, stage), or that move
 other devices or nodes (co-location gathers or splits them; a drained or hot GPU loses them), is
 rolled out make before break: components the new placement drops keep serving the old routing
 until every component of the new placement is ready; only then does routing switch and are the
-old components dropped (their agents drain them). A component placement would move but cannot place elsewhere stays where it is. A
-replacement not ready within
-``switch_timeout_s`` is abandoned: its new components that are still not ready are dropped, the
-old components keep serving the old routing, and the next plan tries again. Plans that only change instance counts or power caps apply at once (placement
-keeps components in place and moves caps without restarts). Components on nodes that are no
-longer live are never retained: nothing can serve there.
+old components dropped (their agents drain them). A component that placement would move but
+cannot place elsewhere stays where it is. A replacement not ready within ``switch_timeout_s`` is
+abandoned: its new components that are still not ready are dropped, the old components keep
+serving the old routing, and the next plan tries again. Plans that only change instance counts or
+power caps apply at once (placement keeps components in place and moves caps without restarts).
+Components on nodes that are no longer live are never retained: nothing can serve there.
 
 Pure: the engine hands in placements, component states and the time.
 """
