@@ -189,3 +189,38 @@ def test_work_for_an_executor_no_node_can_serve_fails_within_a_minute_with_the_r
             assert time.monotonic() - started < 60.0
 
     asyncio.run(scenario())
+
+
+def test_a_replacement_that_never_gets_ready_is_abandoned_and_the_old_component_serves_on(tmp_path: Path) -> None:
+    """Draining the node that serves the chat executor while its engine cannot start anywhere else: after
+    ``switch_timeout_s`` the replacement is abandoned, the old component keeps serving, and jobs succeed."""
+    async def scenario() -> None:
+        settings = {"switch_timeout_s": 3.0, "start_failure_limit": 100}
+        async with in_process_cluster(tmp_path, nodes=2, gpus=1, utilization=0.0,
+                                      controller_settings=settings) as cluster:
+            await first_job(cluster)
+            ((old_node, _),) = where(cluster)
+            other = "node-1" if old_node == "node-0" else "node-0"
+            healthy = cluster.agents[other].components.engine_factory
+
+            def never_starts(ctx, *, clock):  # type: ignore[no-untyped-def]
+                if ctx.executor.name == "sim-slow-chat":
+                    raise EngineError("engine_failed", "no weights on this node", retryable=True)
+                return healthy(ctx, clock=clock)
+
+            cluster.agents[other].components.engine_factory = never_starts
+            await call(cluster, DrainNode(old_node, "move that cannot happen"))
+
+            async def kinds() -> list[str]:
+                return [e["kind"] for e in await events(cluster)]
+
+            deadline = time.monotonic() + 20
+            while "rollout-abandoned" not in await kinds():
+                assert time.monotonic() < deadline, await events(cluster)
+                await asyncio.sleep(0.2)
+            assert (old_node, (0,)) in ready_on(cluster)  # the old one serves on
+            accepted = await call(cluster, SubmitJob("slow-chat", {"question": "still served?"}))
+            job = await wait_job(cluster, accepted.job_id, 30)
+            assert job.state == "succeeded" and {i.node for i in job.invocations} == {old_node}, job
+
+    asyncio.run(scenario())
