@@ -595,8 +595,8 @@ class GetPlan:
 @message("plan_detail", kind="reply")
 @dataclass(frozen=True)
 class PlanDetail:
-    """The current plan explained: per workflow and SLO the choices, predictions (murakkab planner),
-    instance pools, binding constraints, placements and power limits (see controller/jobs/planning.py)."""
+    """The current plan explained: per workflow and SLO the choices, predictions (the autopilot), instance
+    pools, binding constraints, placements, power limits, budgets and hot GPUs (policies/autopilot/explain.py)."""
 
     explanation: dict[StrictStr, Any]
 
