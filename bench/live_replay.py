@@ -323,7 +323,21 @@ def main() -> int:
     met_total = sum(1 for job, view in jobs if view.state == "succeeded" and targets.get(
         tuple(sorted(job["slo"].items()))) is not None and view.ended_at_unix_s
         and view.ended_at_unix_s - view.submitted_at_unix_s <= targets[tuple(sorted(job["slo"].items()))])
+    latency_by_tier: dict[str, list[float]] = {}
+    for job, view in jobs:
+        if view.state == "succeeded" and view.ended_at_unix_s:
+            for dim, tier in job["slo"].items():
+                latency_by_tier.setdefault(f"{dim}:{tier}", []).append(
+                    view.ended_at_unix_s - view.submitted_at_unix_s)
+    latency = {}
+    for label, values in sorted(latency_by_tier.items()):
+        values.sort()
+        slo = dict([label.split(":")])
+        latency[label] = {"p50_s": round(values[len(values) // 2], 3),
+                          "p95_s": round(values[int(0.95 * (len(values) - 1))], 3),
+                          "target_s": targets.get(tuple(sorted(slo.items())))}
     live = {**integrate(samples), "jobs": len(accepted), "refused": len(refused), "states": states,
+            "latency_per_tier": latency,
             "failures": failures, "slo_attainment": met_total / len(jobs) if jobs else None,
             "slo_attainment_per_tier": {k: m / n for k, (n, m) in sorted(tiers.items()) if n},
             "moves": sum(1 for e in events if e["kind"] in ("rollout-switched", "replace")),
