@@ -7,7 +7,6 @@ import dataclasses
 import io
 import json
 import types
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgpack
@@ -22,7 +21,7 @@ from common.protocol import (
 from controller.admin import MAX_EVENT_REPLY_BYTES, AdminApi, plain
 from controller.cli import power
 from controller.cli.main import main
-from tests.unit.test_cli_workflows import FakeController
+from tests.unit.test_cli_workflows import FakeController, controller  # noqa: F401  (the fixture)
 
 T0 = 1_700_000_000.0
 VIEW = {
@@ -246,19 +245,6 @@ def test_events_table_shows_time_kind_subject_reason() -> None:
 
 
 # --- commands against a fake admin endpoint ----------------------------------------------------------
-
-
-@pytest.fixture
-def controller() -> Iterator[Callable[[Callable[[Any], Any]], FakeController]]:
-    started: list[FakeController] = []
-
-    def start(handler: Callable[[Any], Any]) -> FakeController:
-        started.append(FakeController(handler))
-        return started[-1]
-
-    yield start
-    for fake in started:
-        fake.close()
 
 
 NODE = NodeView("node-0", "host-0", "ready", "ready", "active", None, 2, {}, T0, T0, T0,
