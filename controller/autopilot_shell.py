@@ -28,7 +28,6 @@ from prometheus_client import Counter as MetricCounter
 
 from common.protocol import ErrorReply
 from controller.fleet_view import fleet_hardware, node_states
-from controller.registry import Liveness
 from policies.autopilot.engine import Autopilot, AutopilotConfig
 from policies.autopilot.events import (
     Action, BudgetSet, ComponentsObserved, DesiredChanged, Event, FleetObserved, InputsChanged, LoadObserved, Note,
@@ -127,9 +126,9 @@ class AutopilotShell:
                                 time_limit_s=settings.time_limit_s)
         self.autopilot = Autopilot(AutopilotConfig(
             preset=settings.preset, switch_timeout_s=settings.switch_timeout_s,
-            reactions=ReactionConfig(heat_margin_c=settings.heat_margin_c,
+            reactions=ReactionConfig(heat=settings.preset == "murakkab", heat_margin_c=settings.heat_margin_c,
                                      heat_migrate_after_s=settings.heat_migrate_after_s),
-            react_to_heat=settings.preset == "murakkab", limits=PlacementLimits(),
+            limits=PlacementLimits(),
             warm_floor_rps=WARM_FLOOR_RPS, cluster_power_budget_w=settings.cluster_power_budget_w,
             rack_power_budget_w=dict(settings.rack_power_budget_w)), build_planning(settings, inputs))
         self.decisions = MetricCounter("murakkab_autopilot_decisions", "Autopilot decisions, by kind.", ["kind"],
@@ -273,7 +272,7 @@ class AutopilotShell:
             state = self._reported.get(comp.node, {}).get(comp.component_id)
             if state not in ("starting", "ready", "pending"):
                 continue
-            config = self.autopilot._config_of(comp)
+            config = self.autopilot.config_of(comp)
             spec = self.w.catalog.get(comp.executor)
             instances[config] += 1
             slots[config] += spec.max_concurrency if spec is not None else 1
@@ -406,9 +405,6 @@ class AutopilotShell:
         for waiter in self._solved_waiters:
             waiter.cancel()
 
-    def node_ready(self, name: str) -> bool:
-        node = self.c.registry.nodes.get(name)
-        return node is not None and node.liveness is Liveness.READY
 
 
 def _jsonable(value: Any) -> Any:

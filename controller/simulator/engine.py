@@ -49,6 +49,7 @@ from controller.simulator.service import RouteTable, ServiceModel, StepOutcome
 from controller.simulator.slo import SloJudge
 from controller.simulator.trace import generate_arrivals
 from policies.autopilot.engine import Autopilot, AutopilotConfig
+from policies.autopilot.reactions import ReactionConfig
 from policies.autopilot.events import (
     BudgetSet, ComponentsObserved, DesiredChanged, FleetObserved, LoadObserved, Note, PowerLimitsChanged,
     RoutingChanged, Solve, Solved,
@@ -111,7 +112,7 @@ class Simulator:
         name = getattr(policy, "name", "murakkab")
         self.autopilot = Autopilot(AutopilotConfig(
             preset=name, switch_timeout_s=self.control.switch_timeout_s, limits=self.limits,
-            react_to_heat=name == "murakkab"), policy)
+            reactions=ReactionConfig(heat=name == "murakkab")), policy)
         # plan state
         self.desired: dict[str, PlacedComponent] = {}
         self.plan: tuple[PlacedComponent, ...] = ()  # the latest placement (without retained components)

@@ -20,7 +20,6 @@ on a worker thread; the simulator and tests solve inline.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -46,8 +45,7 @@ class AutopilotConfig:
 
     preset: str = "murakkab"  # the planning core's name as ``plan show`` reports it (PRESETS when built by name)
     switch_timeout_s: float = 600.0  # a replacement not ready by then is abandoned
-    reactions: ReactionConfig = field(default_factory=ReactionConfig)
-    react_to_heat: bool = True  # the paper's baselines do not (placement still checks thermal headroom)
+    reactions: ReactionConfig = field(default_factory=ReactionConfig)  # heat=False for the paper's baselines
     limits: PlacementLimits = field(default_factory=PlacementLimits)
     warm_floor_rps: float | None = None  # plan wanted demands for at least this rate (a live daemon keeps warm pools)
     cluster_power_budget_w: float | None = None
@@ -86,6 +84,7 @@ class Autopilot:
         self._solve_due: str | None = None  # a MILP asked for while another was in flight
         self._solve_reason = ""
         self._changed_workflows: set[str] = set()  # redefined since the routed plan: admitted with the newest plan
+        self._dirty = False  # something limits or weights depend on changed since they were last emitted
         self.solve_seconds: list[float] = []
         for rack, watts in config.rack_power_budget_w.items():
             self.reactions.set_budget(rack, watts, "config")
@@ -117,7 +116,9 @@ class Autopilot:
                 self._switch(event.now_s, out)
             case _:
                 raise TypeError(f"the autopilot takes no {type(event).__name__}")
-        self._emit_limits_and_weights(_now(event), out)
+        if self._dirty:  # limits and weights follow placement, reactions, pins and component states only
+            self._dirty = False
+            self._emit_limits_and_weights(out)
         return out
 
     # --- events -------------------------------------------------------------------------------------
@@ -143,15 +144,12 @@ class Autopilot:
 
     def _react(self, now_s: float, out: list[Action]) -> list[str]:
         """Heat and budget control loops on the latest fleet; returns the GPUs whose evacuation started or ended."""
-        if not (self.config.react_to_heat or self.reactions.budgets):
+        if not (self.config.reactions.heat or self.reactions.budgets):
             return []
+        self._dirty = True
         notes = self.reactions.observe(now_s, self.nodes, self._cut_rank(), self.config.limits.rack_label)
-        if not self.config.react_to_heat:
-            self.reactions.hot.clear()  # the baselines' presets do not react to heat (budgets they do follow)
         evacuate = []
         for note in notes:
-            if not self.config.react_to_heat and note.kind.startswith("heat"):
-                continue
             out.append(Note(now_s, note.kind, note.subject, note.reason, dict(note.details)))
             if note.kind in ("heat-migrate", "heat-cleared"):
                 evacuate.append(note.subject)
@@ -194,7 +192,8 @@ class Autopilot:
             self._ask_solve(ev.now_s, "inputs changed", out)
 
     def _step(self, now_s: float, out: list[Action]) -> None:
-        outcome = self.policy.step(now_s, dict(self.load.arrival_rates_rps) if self.load else {}, self._state())
+        assert self.load is not None
+        outcome = self.policy.step(now_s, dict(self.load.arrival_rates_rps), self._state())
         if isinstance(outcome, SolveNeeded):
             self._request(now_s, outcome, out)
         elif isinstance(outcome, Decision):
@@ -220,6 +219,7 @@ class Autopilot:
     def _components(self, ev: ComponentsObserved, out: list[Action]) -> None:
         for node, states in ev.states.items():
             self.states[node] = dict(states)
+        self._dirty = True
         self._switch(ev.now_s, out)
 
     def _budget(self, ev: BudgetSet, out: list[Action]) -> None:
@@ -242,6 +242,7 @@ class Autopilot:
 
     def _pin(self, ev: PinSet | PinCleared, out: list[Action]) -> None:
         key = (ev.node, ev.device_index)
+        self._dirty = True
         if isinstance(ev, PinCleared):
             if key not in self.reactions.pins:
                 pinned = ", ".join(f"{n}/{i}" for n, i in sorted(self.reactions.pins)) or "none"
@@ -303,7 +304,7 @@ class Autopilot:
             out.append(Note(now_s, "plan-refused", "plan", refused, {"status": decision.solution.status}))
             return
         applied = self.rollout.apply(decision.solution, now_s, lambda current: self._place(decision.solution, current),
-                                     self._config_of, self._live_ids(), self._node_live)
+                                     self.config_of, self._live_ids(), self._node_live)
         self.placement = applied.result
         if self.rollout.pending is None and kind != "replace":
             self._changed_workflows.clear()  # routed at once: the active plan has the new definitions
@@ -332,6 +333,7 @@ class Autopilot:
             self._publish(now_s, why, out)
 
     def _publish(self, now_s: float, why: str, out: list[Action]) -> None:
+        self._dirty = True
         components = tuple(self.rollout.current())
         self.plan = self._admission_plan(components)
         out.append(DesiredChanged(components, self.plan, why))
@@ -386,14 +388,14 @@ class Autopilot:
             kept = 0
             for comp in current:
                 if comp.executor == name and self._node_live(comp.node):
-                    config = self._config_of(comp)
+                    config = self.config_of(comp)
                     result[config] = result.get(config, 0) + 1
                     kept += 1
             if kept:
                 notes.append(f"executor {name}: {kept} instance(s) kept for unfinished jobs that chose it")
         return result, notes
 
-    def _config_of(self, comp: PlacedComponent) -> InstanceConfig:
+    def config_of(self, comp: PlacedComponent) -> InstanceConfig:
         node = self._by_name.get(comp.node)
         first = None
         if node is not None and comp.device_indexes:
@@ -454,13 +456,13 @@ class Autopilot:
         pending = self.rollout.pending is not None
         live = self._live_ids() if pending else set()
         for comp in components:
-            weight = self.reactions.weight(comp.node, comp.device_indexes) if self.config.react_to_heat else 1.0
+            weight = self.reactions.weight(comp.node, comp.device_indexes)
             if pending and comp.component_id in plan_ids and comp.component_id not in live:
                 weight = 0.0  # not started yet: nothing to route to
             weights[comp.component_id] = weight
         return weights
 
-    def _emit_limits_and_weights(self, now_s: float, out: list[Action]) -> None:
+    def _emit_limits_and_weights(self, out: list[Action]) -> None:
         planned = dict(self.placement.power_limits) if self.placement is not None else {}
         limits = self.reactions.limits(planned)
         for key in set(self.power_limits) - set(limits):  # a cap or pin that ended: back to the default limit
@@ -548,7 +550,3 @@ def _spec_key(spec: Any) -> Any:
 def _config_text(config: InstanceConfig) -> str:
     cap = "" if config.power_cap_w is None else f"@{config.power_cap_w:g}W"
     return f"{config.executor}@{config.hardware}x{config.tp}{cap}"
-
-
-def _now(event: Event) -> float:
-    return float(getattr(event, "now_s", math.nan))

@@ -39,6 +39,7 @@ MAX_BUDGET_W = 1e9  # a gigawatt: anything above is a typo, not a budget
 
 @dataclass(frozen=True)
 class ReactionConfig:
+    heat: bool = True  # react to hot GPUs at all (the baselines' presets do not; budgets they do follow)
     heat_margin_c: float = 5.0
     heat_cap_fraction: float = 0.8
     heat_weight: float = 0.5
@@ -135,7 +136,8 @@ class Reactions:
         cut (devices that serve only the lowest tiers get the highest rank)."""
         notes: list[ReactionNote] = []
         devices: list[tuple[NodeState, DeviceState]] = [(n, d) for n in nodes for d in n.devices if d.kind == "gpu"]
-        self._heat(now_s, devices, notes)
+        if self.config.heat:
+            self._heat(now_s, devices, notes)
         for scope, budget in sorted(self.budgets.items(), key=lambda kv: (kv[0] is not None, kv[0] or "")):
             in_scope = [(n, d) for n, d in devices if scope is None or n.labels.get(rack_label) == scope]
             self._budget(now_s, scope, budget, in_scope, rank, notes)

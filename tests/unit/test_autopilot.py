@@ -199,7 +199,8 @@ def test_thermal_and_power_brake_throttle_reasons_make_a_gpu_hot() -> None:
 
 
 def test_heat_reactions_are_off_for_the_baseline_presets() -> None:
-    pilot = running_pilot(node("n1", gpus=1), config=AutopilotConfig(preset="murakkab-epoch", react_to_heat=False))
+    pilot = running_pilot(node("n1", gpus=1), config=AutopilotConfig(preset="murakkab-epoch",
+                                                                    reactions=ReactionConfig(heat=False)))
     assert not notes(pilot.handle(fleet(5.0, node("n1", hot()))), "heat")
 
 
