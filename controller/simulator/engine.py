@@ -46,6 +46,8 @@ from controller.simulator.cluster import (
 from controller.simulator.report import Recorder, tier_label
 from controller.simulator.scenario import Scenario
 from controller.simulator.service import RouteTable, ServiceModel, StepOutcome
+from controller.simulator.judge import CPU_PROFILES, RequestJudge
+from controller.simulator.judged_steps import DRAIN_AFTER_END_S, MAX_REPORTED_UTILIZATION, RequestSteps
 from controller.simulator.slo import SloJudge
 from controller.simulator.trace import generate_arrivals
 from policies.autopilot.engine import Autopilot, AutopilotConfig
@@ -62,12 +64,11 @@ from policies.placement import DeviceState, NodeState, PlacementLimits
 from policies.plan import SLO_DIMENSIONS, SLO_TIERS, Demand, PlacedComponent
 
 TIMER, FAULT, OBSERVE, DECIDE, STEP = 0, 1, 2, 3, 4  # event order at equal times
-MAX_REPORTED_UTILIZATION = 10.0  # overloaded pools report at most this (offered erlangs / slots)
 def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-class Simulator:
+class Simulator(RequestSteps):
     """One policy on one scenario; ``run()`` returns the report (see ``controller.simulator.report``)."""
 
     def __init__(self, scenario: Scenario, policy: Any, *, perf: PerfModel, hardware: Mapping[str, HardwareType],
@@ -93,7 +94,17 @@ class Simulator:
         self.judge = SloJudge(scenario.workflows, scenario.catalog, perf, self.hardware, set(self.devices_total),
                               stage_items, slo, service_time_factor=self.control.service_time_factor)
         self.service = ServiceModel(self.judge, self.control.max_utilization)
-        self.arrivals = generate_arrivals(self.spec.trace, self.spec.duration_s, self.spec.step_s, self.spec.seed)
+        self.arrivals = generate_arrivals(self.spec.trace, self.spec.duration_s, self.spec.step_s, self.spec.seed,
+                                          base_dir=scenario.base_dir)
+        self.requests_judge: RequestJudge | None = None
+        if self.spec.judge == "requests":
+            self.requests_judge = RequestJudge(
+                scenario.workflows, scenario.catalog,
+                {name: hw.memory_bytes for name, hw in self.hardware.items() if hw.kind == "gpu"},
+                set(self.devices_total), stage_items, self.arrivals.demands, self.spec.seed, slo,
+                cpu_profiles=CPU_PROFILES)
+            times = self.arrivals.requests.times_s
+            self._step_index = np.searchsorted(times, np.arange(self.arrivals.steps + 1) * self.spec.step_s)
         self.peak_rates = self.arrivals.peak_rates()
         self.reconciler = Reconciler(ReconcilerConfig(command_timeout_s=30.0,
                                                       drain_timeout_s=max(self.control.drain_s, 1e-3)),
@@ -126,6 +137,7 @@ class Simulator:
         # counters kept incrementally (see _track)
         self.groups: Counter[tuple[InstanceConfig, str]] = Counter()
         self.gpu_holders: Counter[tuple[str, int]] = Counter()
+        self.gpus_held: Counter[str] = Counter()  # held GPUs per hardware type
         self.shared_idle_w = 0.0  # idle power counted twice for GPUs that several components share
         self.shared_context_w = 0.0  # and their context idle above the fleet idle, for the fleet power
         self.utilization: dict[InstanceConfig, float] = {}  # pool occupancy in the current step
@@ -133,6 +145,10 @@ class Simulator:
         self.window_start_s = 0.0
         self.window_steps: list[int] = []
         self._point_cache: dict[tuple[str, float, float], float] = {}
+        self._judge_step_s = 0.0
+        self._outstanding_seen: dict[InstanceConfig, float] = {}
+        self._step_served = self._step_met = 0.0
+        self.judge_dropped = 0
         self._perf_cache: dict[InstanceConfig, Any] = {}
         self._node_state_cache: dict[str, NodeState] = {}
         self._dirty_nodes: set[str] = set(self.nodes)
@@ -188,6 +204,7 @@ class Simulator:
             else:
                 self._step(payload, at_s)
         self._advance(duration)
+        judged = self._finish_requests(duration) if self.requests_judge is not None else {"judge": "fluid"}
         wall_s = self.wall_clock() - started
         extra = {
             "duration_s": duration,
@@ -198,6 +215,7 @@ class Simulator:
             "starts_refused": self.agents.refused,
             "epoch_s": _finite(getattr(self.policy, "epoch_s", None)),  # None: plans once
             "tick_s": _finite(tick_s),
+            **judged,
         }
         if self.spec.faults:
             extra["fault_reactions"] = [r.view() for r in self.reactions]
@@ -207,12 +225,18 @@ class Simulator:
     # --- energy, GPU-hours and cost ----------------------------------------------------------------
 
     def _advance(self, to_s: float) -> None:
+        if self.requests_judge is not None:
+            self.requests_judge.advance(to_s)
         dt = to_s - self._last_s
         if dt > 0:
             alloc_w, fleet_w, cost_per_s = self._power_now()
             self.recorder.energy_j += alloc_w * dt
             self.recorder.fleet_energy_j += fleet_w * dt
             self.recorder.gpu_seconds += len(self.gpu_holders) * dt
+            for hardware, held in self.gpus_held.items():
+                if held:
+                    self.recorder.gpu_seconds_by_hardware[hardware] = \
+                        self.recorder.gpu_seconds_by_hardware.get(hardware, 0.0) + held * dt
             self.recorder.cost_usd += cost_per_s * dt
         self._last_s = max(self._last_s, to_s)
         self.now_s = to_s
@@ -230,6 +254,22 @@ class Simulator:
             steady_c = ambient + first.power_w * spec.thermal_resistance_k_per_w
             self._point_cache[key] = operating_point(spec, utilization, limit_w, steady_c, memory_bound_share).power_w
         return self._point_cache[key]
+
+    def _busy_w(self, config: InstanceConfig, exe: Any) -> float:
+        """Power of a busy instance's GPUs (all ``tp`` of them): the request judge's model when it judges (its
+        roofline's bandwidth-bound share at full activity), else the fluid model's (the executor's catalog
+        utilization and share), both through the GPU's DVFS model under the instance's cap."""
+        if self.requests_judge is not None:
+            found = self.requests_judge.config_busy_power_w(config)
+            if found is not None:
+                return found
+        u_exec, share = gpu_activity(exe)
+        return config.tp * self._device_busy_w(config.hardware, u_exec, config.power_cap_w, share)
+
+    def _sync_judge(self, now_s: float) -> None:
+        if self.requests_judge is not None:
+            self.requests_judge.sync(now_s, ((c.component_id, c.config, c.node, tuple(c.device_indexes), c.state)
+                                             for c in self.agents.live()))
 
     def _instance_perf(self, config: InstanceConfig) -> Any:
         if config not in self._perf_cache:
@@ -254,8 +294,7 @@ class Simulator:
                 idle_w = config.tp * hw.instance_idle_power_w  # an engine holds a CUDA context
                 if state == "ready":
                     rho = self.utilization.get(config, 0.0)
-                    u_exec, share = gpu_activity(exe)
-                    busy_w = config.tp * self._device_busy_w(config.hardware, u_exec, config.power_cap_w, share)
+                    busy_w = self._busy_w(config, exe)
                     instance_w = (1.0 - rho) * idle_w + rho * busy_w
                 else:
                     instance_w = idle_w  # loading weights or draining: counted at idle
@@ -291,6 +330,8 @@ class Simulator:
         if hw.kind == "gpu" and old_state is None and new_state is not None:
             for index in comp.device_indexes:
                 self.gpu_holders[(comp.node, index)] += 1
+                if self.gpu_holders[(comp.node, index)] == 1:
+                    self.gpus_held[comp.config.hardware] += 1
                 if self.gpu_holders[(comp.node, index)] >= 2:
                     self.shared_idle_w += hw.instance_idle_power_w
                     self.shared_context_w += hw.instance_idle_power_w - hw.idle_power_w
@@ -303,6 +344,7 @@ class Simulator:
                 self.gpu_holders[key] -= 1
                 if self.gpu_holders[key] <= 0:
                     del self.gpu_holders[key]
+                    self.gpus_held[comp.config.hardware] -= 1
         self._power = None
         self._dirty_nodes.add(comp.node)
 
@@ -326,6 +368,7 @@ class Simulator:
                     changed.append(action.node)
             for node in changed:
                 queue.append(NodeReport(node, True, self.agents.reports(node), now_s))
+        self._sync_judge(now_s)
 
     def _start(self, action: SendStart, now_s: float) -> tuple[bool, str]:
         if action.node in self.down:
@@ -367,6 +410,7 @@ class Simulator:
         if not self.agents.fire(timer, now_s):
             return
         self._track(comp, old, "ready" if timer.kind == "ready" else None)  # type: ignore[arg-type]
+        self._sync_judge(now_s)
         self._feed(NodeReport(timer.node, True, self.agents.reports(timer.node), now_s), now_s)
         self._components_changed(timer.node, now_s)
 
@@ -436,6 +480,8 @@ class Simulator:
                     switched = self.active is not None and self.rollout_pending
                     self.active = action.active
                     self.routes = None
+                    if self.requests_judge is not None:
+                        self.requests_judge.set_routes(action.active)
                     if switched:
                         self.window_util = {}
                         self.recorder.switches += 1
@@ -475,6 +521,7 @@ class Simulator:
             self.desired = desired
             if self.agents.recap(desired) | self._recap_reactions():
                 self._regroup()
+                self._sync_judge(now_s)
             self._feed(DesiredChanged_(tuple(sorted(desired.values(), key=lambda c: c.component_id)), now_s), now_s)
         self.first_plan = False
 
@@ -537,6 +584,7 @@ class Simulator:
         else:
             self._carry_out(self.autopilot.handle(BudgetSet(now_s, fault.rack, fault.power_budget_w, "scenario")),
                             now_s)
+        self._sync_judge(now_s)
         self._observe_fleet(now_s)
 
     def _device_power_w(self) -> dict[tuple[str, int], float]:
@@ -552,8 +600,7 @@ class Simulator:
                 continue
             exe = self.scenario.catalog[comp.config.executor]
             rho = self.utilization.get(comp.config, 0.0) if comp.state == "ready" else 0.0
-            u_exec, share = gpu_activity(exe)
-            busy_w = self._device_busy_w(comp.config.hardware, u_exec, comp.config.power_cap_w, share)
+            busy_w = self._busy_w(comp.config, exe) / comp.config.tp
             for index in comp.device_indexes:
                 key = (comp.node, index)
                 base = power.get(key, hw.idle_power_w)
@@ -586,6 +633,7 @@ class Simulator:
             self.agents.recap(self.desired)
             self._recap_reactions()
             self._regroup()
+            self._sync_judge(self.now_s)
 
     def _recap_reactions(self) -> int:
         """Components on devices with a lowered limit run at it (what SetPowerLimit does on a real agent)."""
@@ -629,6 +677,9 @@ class Simulator:
 
     def _step(self, k: int, now_s: float) -> None:
         self._carry_out(self.autopilot.handle(AutopilotTick(now_s)), now_s)  # a rollout that waited too long ends
+        if self.requests_judge is not None:
+            self._step_requests(k, now_s)
+            return
         width_s = min(self.spec.step_s, self.spec.duration_s - now_s)
         counts = self.arrivals.counts[k]
         if self.routes is None and self.active is not None:

@@ -28,6 +28,12 @@ MAX_EVENTS = 50
 
 DEFINITIONS = {
     "gpu_hours": "GPU device-hours held by components (starting, ready or draining)",
+    "h100_equiv_gpu_hours": "GPU device-hours weighted by each device's price relative to an H100",
+    "judge": "how requests were served and judged: 'requests' (controller.simulator.judge, a request-level "
+             "discrete-event model independent of the planner's formulas) or 'fluid' (expected values per step "
+             "from the planner's own perf and queueing model)",
+    "dropped": "requests that never finished: no instance of a stage's executor within the grace, no route, or "
+               "still unfinished 600 s after the end (request judge); shed load (fluid judge)",
     "energy_mwh": "energy of allocated devices: allocated GPUs at their DVFS operating point (idle power while "
                   "loading or idle) plus CPU instances' share of package power",
     "fleet_energy_mwh": "all GPUs of the fleet (unallocated ones at idle power) plus CPU sockets at idle and CPU "
@@ -77,6 +83,7 @@ class Recorder:
     energy_j: float = 0.0
     fleet_energy_j: float = 0.0
     gpu_seconds: float = 0.0
+    gpu_seconds_by_hardware: dict[str, float] = field(default_factory=dict)
     cost_usd: float = 0.0
     events: list[dict[str, Any]] = field(default_factory=list)  # the first MAX_EVENTS notable events
     event_counts: dict[str, int] = field(default_factory=dict)
@@ -86,6 +93,10 @@ class Recorder:
             self.tier_arrivals.setdefault(tier, 0.0)
             self.tier_served.setdefault(tier, 0.0)
             self.tier_met.setdefault(tier, 0.0)
+
+    @property
+    def gpu_hours_by_hardware(self) -> dict[str, float]:
+        return {k: v / 3600.0 for k, v in sorted(self.gpu_seconds_by_hardware.items())}
 
     def step(self, t_s: float, arrivals: float, served: float, met: float, gpus_allocated: int, gpus_ready: int,
              power_w: float, fleet_power_w: float, load: dict[str, float]) -> None:
@@ -132,6 +143,7 @@ class Recorder:
             "seed": seed,
             "simulated": True,
             "gpu_hours": self.gpu_seconds / 3600.0,
+            "gpu_hours_by_hardware": self.gpu_hours_by_hardware,
             "energy_mwh": self.energy_j / J_PER_MWH,
             "fleet_energy_mwh": self.fleet_energy_j / J_PER_MWH,
             "cost_usd": self.cost_usd,

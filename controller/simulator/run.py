@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 from controller.simulator.engine import Simulator
+from controller.simulator.predictor_error import ErroneousPerfModel
 from controller.simulator.report import write_plots, write_report
 from controller.simulator.scenario import POLICY_NAMES, Scenario
 from policies.autopilot.planning import (
@@ -25,6 +28,27 @@ def scenario_hardware(scenario: Scenario) -> dict[str, HardwareType]:
         changes = {k: v for k, v in override.model_dump().items() if v is not None}
         hardware[name] = dataclasses.replace(hardware[name], **changes)
     return hardware
+
+
+def h100_equivalent_gpu_hours(gpu_hours: dict[str, float], hardware: dict[str, HardwareType]) -> float:
+    """GPU-hours with each device weighted by its price relative to an H100 (an L4 hour is not an H100 hour)."""
+    reference = hardware["h100"].price_per_hour_usd
+    return sum(h * hardware[name].price_per_hour_usd / reference for name, h in gpu_hours.items()
+               if name in hardware and hardware[name].kind == "gpu")
+
+
+def scenario_digest(scenario: Scenario) -> str:
+    """SHA-256 of the scenario as run: its validated spec and the catalog and workflows it loaded."""
+    blob = json.dumps({"spec": scenario.spec.model_dump(mode="json"),
+                       "catalog": sorted(scenario.catalog), "workflows": sorted(scenario.workflows),
+                       "source": Path(scenario.source).name}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def settings_digest(scenario: Scenario) -> str:
+    """SHA-256 of the control settings alone (the same for every scenario that shares them)."""
+    blob = json.dumps(scenario.spec.control.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def stage_items(scenario: Scenario) -> dict[str, dict[str, float]]:
@@ -69,9 +93,15 @@ def run_simulation(scenario: Scenario, policy_name: str, out_dir: str | Path | N
     """Run one policy on a scenario; with ``out_dir``, write report.json and the PNG plots there."""
     hardware = scenario_hardware(scenario)
     perf = CatalogPerfModel(hardware)
-    policy = policy if policy is not None else build_policy(policy_name, scenario, perf)
+    error = scenario.spec.control.predictor_error
+    planner_perf = ErroneousPerfModel(perf, error, scenario.spec.seed) if error > 0 else perf
+    policy = policy if policy is not None else build_policy(policy_name, scenario, planner_perf)
     sim = Simulator(scenario, policy, perf=perf, hardware=hardware)
     report = sim.run()
+    report["predictor_error"] = error
+    report["h100_equiv_gpu_hours"] = h100_equivalent_gpu_hours(sim.recorder.gpu_hours_by_hardware, hardware)
+    report["scenario_sha256"] = scenario_digest(scenario)
+    report["settings_sha256"] = settings_digest(scenario)
     if out_dir is not None:
         started = time.perf_counter()
         write_report(report, out_dir)

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from controller.simulator.engine import Simulator
-from controller.simulator.run import run_simulation
+from tests.unit.fluid import fluid, run_simulation
 from policies.colocation import MAX_CONTENTION, slowdowns
 from policies.optimizer import optimize, with_instances
 from policies.placement import PlacementLimits, place
@@ -172,7 +172,7 @@ def test_instances_that_share_gpus_serve_slower_in_the_simulator() -> None:
     apart = replace(solution, colocate=())
 
     def run(plan):
-        sim = Simulator(scenario, ScriptedPolicy([(0.0, plan)], inputs=_inputs(scenario, perf)), perf=perf,
+        sim = Simulator(fluid(scenario), ScriptedPolicy([(0.0, plan)], inputs=_inputs(scenario, perf)), perf=perf,
                         hardware=hardware)
         return sim, sim.run()
 

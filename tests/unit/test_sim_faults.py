@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from controller.simulator.faults import Thermals
-from controller.simulator.run import run_simulation
+from tests.unit.fluid import run_simulation
 from controller.simulator.scenario import ScenarioError, parse_scenario
 
 ROOT = Path(__file__).resolve().parents[2]
