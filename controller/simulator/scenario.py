@@ -23,7 +23,7 @@ The document:
       hardware: {h100: {price_per_hour_usd: 4.0}}   # overrides of the standard hardware types
       catalog: [{file: ../catalog/sim.yaml}, {file: ../catalog/cpu.yaml, engines: [tool]}]
       workflows: [{file: ../workflows/rag-qa.yaml, items: {embed_passages: 20}}]
-      trace:
+      trace:                       # load shapes, trace files: docs/traces.md
         workflows: {rag-qa: {base_rps: 1, peak_rps: 4, peak_hour: 14}}
         bursts: [{at_hour: 11, duration_s: 1200, multiplier: 2, workflows: [rag-qa]}]
         tiers: {accuracy_share: 0.7, levels: {best: 0.25, good: 0.25, fair: 0.25, basic: 0.25}}
@@ -36,15 +36,17 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from common.devices.gpu_specs import GPU_SPECS
 from common.workflow.catalog import ExecutorSpec
 from common.workflow.loader import SpecError, load_catalog_file, load_workflow_file
 from common.workflow.spec import WorkflowSpec
+from controller.simulator.trace_files import TraceFileError, read_rate_file, read_request_file, trace_path
 from policies.plan import SLO_TIERS
 
 API_VERSION = "murakkab.dev/v1"
@@ -185,6 +187,49 @@ class WorkflowLoad(_Strict):
         return self
 
 
+class RequestFileLoad(_Strict):
+    """Replays a per-request trace (``TIMESTAMP,ContextTokens,GeneratedTokens``, docs/traces.md)."""
+
+    requests_file: str = Field(min_length=1, description="relative to the scenario file")
+    time_scale: float = Field(1.0, gt=0, le=1000, description="arrival times are multiplied by this (0.5: twice "
+                                                               "as fast, so twice the rate)")
+    rate_scale: float = Field(1.0, gt=0, le=1000, description="below 1 keeps each request with this probability; "
+                                                               "above 1 replicates requests, copies jittered in time")
+    start_s: float = Field(0.0, ge=0, description="scenario time 0 is this far into the trace (trace seconds)")
+    repeat: bool = Field(True, description="the trace tiles to cover the scenario; false: it plays once")
+
+
+class RateFileLoad(_Strict):
+    """Replays a rate curve (``window_start_s,rate_rps,arrival_cv``, docs/traces.md), scaled to ``peak_rps``."""
+
+    rate_file: str = Field(min_length=1, description="relative to the scenario file")
+    start_s: float = Field(0.0, ge=0, description="scenario time 0 is this far into the file (its window_start_s)")
+    peak_rps: float = Field(gt=0, description="the highest window within the scenario's duration gets this rate")
+
+
+FileLoad = RequestFileLoad | RateFileLoad
+LOAD_SHAPES: dict[str, type[BaseModel]] = {"cosine": WorkflowLoad, "requests-file": RequestFileLoad,
+                                           "rate-file": RateFileLoad}
+_SHAPE_HELP = ("a load is a mapping of one of three shapes: cosine {base_rps, peak_rps, peak_hour}, "
+               "requests-file {requests_file, time_scale, rate_scale, start_s, repeat} or "
+               "rate-file {rate_file, start_s, peak_rps}")
+
+
+def _load_shape(value: Any) -> str | None:
+    """The shape a load is validated as: by its file key, cosine without one (errors then name that shape)."""
+    if isinstance(value, BaseModel):
+        return next((tag for tag, model in LOAD_SHAPES.items() if isinstance(value, model)), None)
+    if not isinstance(value, dict):
+        return None
+    return "requests-file" if "requests_file" in value else "rate-file" if "rate_file" in value else "cosine"
+
+
+LoadSpec = Annotated[
+    Annotated[WorkflowLoad, Tag("cosine")] | Annotated[RequestFileLoad, Tag("requests-file")]
+    | Annotated[RateFileLoad, Tag("rate-file")],
+    Discriminator(_load_shape, custom_error_type="load_shape", custom_error_message=_SHAPE_HELP)]
+
+
 class BurstSpec(_Strict):
     at_hour: float = Field(ge=0)
     duration_s: float = Field(gt=0)
@@ -226,9 +271,64 @@ class TierMix(_Strict):
 
 
 class TraceSpec(_Strict):
-    workflows: dict[str, WorkflowLoad] = Field(min_length=1)
-    bursts: list[BurstSpec] = Field(default_factory=list)
+    workflows: dict[str, LoadSpec] = Field(min_length=1)
+    bursts: list[BurstSpec] = Field(default_factory=list, description="rate multipliers; cosine loads only")
     tiers: TierMix = Field(default_factory=TierMix)
+
+    @field_validator("workflows", mode="before")
+    @classmethod
+    def _one_shape_each(cls, value: Any) -> Any:
+        """Say which shape was meant when a load mixes them (pydantic would only list unknown keys)."""
+        if not isinstance(value, dict):
+            return value
+        problems = []
+        cosine_keys = set(WorkflowLoad.model_fields)
+        file_only = (set(RequestFileLoad.model_fields) | set(RateFileLoad.model_fields)) - cosine_keys
+        cosine_only = cosine_keys - set(RateFileLoad.model_fields)
+        for name, load in value.items():
+            if not isinstance(load, dict):
+                continue
+            files = sorted({"requests_file", "rate_file"} & set(load))
+            if len(files) > 1:
+                problems.append(f"{name}: both requests_file and rate_file given; a load replays one file")
+            elif not files and set(load) & file_only and not set(load) & cosine_only:
+                keys = sorted(set(load) & file_only)
+                problems.append(f"{name}: {', '.join(keys)} belong to a file load, which needs requests_file or "
+                                f"rate_file ({_SHAPE_HELP})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    def file_loads(self) -> dict[str, FileLoad]:
+        """The workflows whose load replays a trace file."""
+        return {name: load for name, load in self.workflows.items()
+                if isinstance(load, (RequestFileLoad, RateFileLoad))}
+
+
+def _trace_file_problems(trace: TraceSpec, duration_s: float, base: Path) -> list[str]:
+    """Read every trace file now, so a bad file is reported with the scenario (file and line), not mid-run."""
+    problems = []
+    for name, load in trace.file_loads().items():
+        key = "requests_file" if isinstance(load, RequestFileLoad) else "rate_file"
+        where = f"spec.trace.workflows.{name}.{key}"
+        path = trace_path(base, getattr(load, key))
+        try:
+            if isinstance(load, RequestFileLoad):
+                requests = read_request_file(path)
+                if load.repeat:
+                    requests.period_s  # noqa: B018 - raises when the trace cannot tile
+                elif load.start_s >= requests.span_s:
+                    problems.append(f"spec.trace.workflows.{name}.start_s: {load.start_s:g} s is past the last "
+                                    f"request of {path} ({requests.span_s:g} s) and repeat is false")
+            else:
+                curve = read_rate_file(path)
+                windows = curve.covering(load.start_s, load.start_s + duration_s)
+                if not curve.rate_rps[windows].max() > 0:
+                    problems.append(f"{where}: {path}: every window within start_s {load.start_s:g} .. "
+                                    f"{load.start_s + duration_s:g} s has rate 0; nothing to scale to peak_rps")
+        except TraceFileError as exc:
+            problems.append(f"{where}: {exc}")
+    return problems
 
 
 # --- control -----------------------------------------------------------------------------------
@@ -283,6 +383,11 @@ class ControlSpec(_Strict):
         None, ge=0, le=1, description="murakkab only: one-instance GPU pools may share devices while their busy "
                                       "fractions add up to at most this and every demand keeps its wait quantile "
                                       "(Problem.colocate_max_busy); null: each instance gets devices of its own")
+    predictor_error: float = Field(
+        0.0, ge=0, le=0.5, description="every prediction the planner sees (latency, capacity, power, energy) is "
+                                       "biased per executor and hardware and noised per configuration by about "
+                                       "this share (controller.simulator.predictor_error); 0: the planner's own "
+                                       "model, unchanged")
     lift_caps_on_bursts: bool = Field(
         True, description="murakkab only: a capped pool busier than its scale band first gets its power cap "
                           "lifted (at once), before the autoscaler adds instances")
@@ -318,7 +423,7 @@ class ControlSpec(_Strict):
     @field_validator("scale_band")
     @classmethod
     def _scaling_policies(cls, value: dict[str, ScaleBandSpec]) -> dict[str, ScaleBandSpec]:
-        scaling = [p for p in POLICY_NAMES if p != "static"]
+        scaling = [p for p in POLICY_NAMES if not p.startswith("static")]
         for name in value:
             if name not in scaling:
                 raise ValueError(f"{name}: not a policy that scales reactively (those are: {', '.join(scaling)})")
@@ -354,8 +459,16 @@ class FaultSpec(_Strict):
         return self
 
 
+JUDGE_KINDS = ("requests", "fluid")
+
+
 class ScenarioSpecModel(_Strict):
     seed: int = 0
+    judge: Literal["requests", "fluid"] = Field(
+        "requests", description="how requests are served and judged: 'requests', the request-level discrete-event "
+                                "model of engines (controller.simulator.judge, independent of the planner's "
+                                "formulas); 'fluid', expected values per step from the planner's own perf and "
+                                "queueing model (quick, but it grades the planner with its own rules)")
     duration_s: float = Field(86400.0, gt=0, le=MAX_DURATION_S)
     step_s: float = Field(60.0, ge=1, le=3600)
     cluster: ClusterSpec
@@ -396,10 +509,16 @@ class ScenarioSpecModel(_Strict):
                     raise ValueError(f"{where}.device: {fault.node} has no GPU {fault.device}")
             if fault.rack is not None and fault.rack not in racks:
                 raise ValueError(f"{where}.rack: no rack {fault.rack!r} (racks: {', '.join(sorted(racks)) or 'none'})")
+        file_loads = self.trace.file_loads()
         for i, burst in enumerate(self.trace.bursts):
             if burst.at_hour * 3600.0 >= self.duration_s:
                 raise ValueError(f"trace.bursts[{i}].at_hour: {burst.at_hour} h is past the end of the scenario "
                                  f"({self.duration_s / 3600.0:g} h)")
+            hit = sorted(file_loads) if burst.workflows is None else [w for w in burst.workflows if w in file_loads]
+            if hit:
+                raise ValueError(f"trace.bursts[{i}].workflows: bursts apply to cosine loads only, and "
+                                 f"{', '.join(hit)} replay{'s' if len(hit) == 1 else ''} a trace file (list the "
+                                 f"cosine workflows the burst hits, or scale the file's rate)")
         return self
 
 
@@ -429,6 +548,7 @@ class Scenario:
     catalog: dict[str, ExecutorSpec]
     workflows: dict[str, WorkflowSpec]
     items: dict[tuple[str, str], float] = field(default_factory=dict)  # (workflow, stage) -> elements
+    base_dir: str = "."  # the scenario file's folder: trace files are named relative to it
 
     @property
     def seed(self) -> int:
@@ -519,13 +639,14 @@ def parse_scenario(data: Any, source: str = "<scenario>", base_dir: str | Path =
             for name in burst.workflows or []:
                 if name not in spec.trace.workflows:
                     problems.append(f"spec.trace.bursts[{i}].workflows: {name!r} has no load in trace.workflows")
+        problems.extend(_trace_file_problems(spec.trace, spec.duration_s, base))
     hardware_used = {g.hardware for g in spec.cluster.node_groups}
     if not hardware_used - {"cpu"}:
         problems.append("spec.cluster.node_groups: the cluster has no GPU nodes")
     if problems:
         raise ScenarioError(source, problems)
     return Scenario(name=doc.metadata.name, description=doc.metadata.description, source=source, spec=spec,
-                    catalog=catalog, workflows=workflows, items=items)
+                    catalog=catalog, workflows=workflows, items=items, base_dir=str(base))
 
 
 def load_scenario(path: str | Path) -> Scenario:
