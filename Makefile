@@ -64,6 +64,7 @@ demo-down:
 clean:
 	rm -rf $(VENV) .state .pytest_cache .hypothesis *.egg-info
 
-# Profile-guided planning: the three policies side by side on the 24-hour day-mix scenario (simulated).
+# The honest planning benchmark: every policy on day-mix, real-day and emergency-day, three seeds, under the
+# request-level judge, with predictor error and static's headroom searched (simulated; hours on 2 cores).
 bench-planning: install
-	$(PY) bench/planning.py
+	$(PY) bench/planning_matrix.py --jobs 2

@@ -30,11 +30,13 @@ from controller.simulator.scenario import POLICY_NAMES, ControlSpec, load_scenar
 DEFAULT_SCENARIO = ROOT / "examples" / "scenarios" / "day-mix.yaml"
 DEFAULT_OUT = ROOT / "bench" / "results" / "planning"
 
-# The issue's targets (issue 4, "Benchmark").
+# The targets of the honest planning benchmark (issue 13): against the tier-aware static deployment at equal or
+# better SLO attainment, 2x lower cost and allocated energy; against murakkab-epoch with equal settings, 1.25x
+# less energy; SLO attainment at least 99 %; planning at most 1 s per epoch at p50.
 TARGETS = {
-    "vs_static": {"gpu_hours": 2.8, "energy_mwh": 3.7, "cost_usd": 4.3, "slo_attainment_min": 0.99},
-    "vs_murakkab_epoch": {"energy_mwh": 1.2},
-    "plan_seconds_max": 5.0,
+    "vs_static": {"cost_usd": 2.0, "energy_mwh": 2.0, "slo_attainment_min": 0.99},
+    "vs_murakkab_epoch": {"energy_mwh": 1.25},
+    "plan_seconds_p50": 1.0,
 }
 
 
@@ -59,6 +61,10 @@ def control_changes(args: argparse.Namespace) -> dict[str, Any]:
         changes["lift_caps_on_bursts"] = False
     if args.colocate_max_busy is not None:
         changes["colocate_max_busy"] = args.colocate_max_busy if args.colocate_max_busy > 0 else None
+    if args.predictor_error is not None:
+        changes["predictor_error"] = args.predictor_error
+    if args.static_headroom is not None:
+        changes["static_headroom"] = args.static_headroom
     if args.scale_band is not None:
         low, high, target = args.scale_band
         changes["scale_band"] = {"murakkab": {"low": low, "high": high, "target": target}}
@@ -66,7 +72,11 @@ def control_changes(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load(scenario_path: str, seed: int | None, changes: dict[str, Any]):
+    changes = dict(changes)
+    judge = changes.pop("judge", None)
     scenario = load_scenario(scenario_path)
+    if judge is not None:
+        scenario = dataclasses.replace(scenario, spec=scenario.spec.model_copy(update={"judge": judge}))
     if seed is not None:
         scenario = scenario.with_seed(seed)
     if changes:
@@ -109,13 +119,15 @@ def ratio(baseline: float | None, ours: float | None) -> float | None:
 
 def compare(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Ratios of every policy against static and murakkab-epoch, and the targets for murakkab."""
-    metrics = ("gpu_hours", "energy_mwh", "fleet_energy_mwh", "cost_usd")
+    metrics = ("gpu_hours", "h100_equiv_gpu_hours", "energy_mwh", "fleet_energy_mwh", "cost_usd")
     summary: dict[str, Any] = {"policies": {}, "targets": TARGETS, "checks": {}}
     for name, r in reports.items():
         entry: dict[str, Any] = {m: r[m] for m in metrics}
         entry["slo_attainment"] = r["slo_attainment"]["overall"]
         entry["slo_attainment_per_tier"] = r["slo_attainment"]["per_tier"]
         entry["requests_dropped"] = r["requests"]["dropped"]
+        entry["judge"] = r.get("judge", "fluid")
+        entry["components_started"] = r.get("components_started")
         entry["plan_changes"] = r["plan_changes"]
         entry["plan_seconds"] = r["plan_seconds"]
         entry["peak_gpus_allocated"] = r["peak_gpus_allocated"]
@@ -142,10 +154,15 @@ def compare(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
         equal_or_better = (ours["slo_attainment"] or 0.0) >= (epoch["slo_attainment"] or 0.0) - 1e-9
         checks["slo_attainment >= murakkab-epoch's"] = {
             "measured": [ours["slo_attainment"], epoch["slo_attainment"]], "met": equal_or_better}
+    if ours is not None and "vs_static" in ours:
+        static = summary["policies"]["static"]
+        equal_or_better = (ours["slo_attainment"] or 0.0) >= (static["slo_attainment"] or 0.0) - 1e-9
+        checks["slo_attainment >= static's"] = {"measured": [ours["slo_attainment"], static["slo_attainment"]],
+                                               "met": equal_or_better}
     if ours is not None:
-        worst = ours["plan_seconds"]["max"]
-        checks[f"plan_seconds max <= {TARGETS['plan_seconds_max']} s"] = {
-            "measured": worst, "met": worst is not None and worst <= TARGETS["plan_seconds_max"]}
+        typical = ours["plan_seconds"]["p50"]
+        checks[f"plan_seconds p50 <= {TARGETS['plan_seconds_p50']} s"] = {
+            "measured": typical, "met": typical is not None and typical <= TARGETS["plan_seconds_p50"]}
     summary["checks"] = checks
     return summary
 
@@ -155,7 +172,8 @@ def _f(value: float | None, fmt: str) -> str:
 
 
 def markdown(summary: dict[str, Any], scenario: str, seed: int, margin: float, factor: float = 1.0) -> str:
-    lines = [f"Scenario `{scenario}`, seed {seed}, latency planning margin {margin:g}, service time factor "
+    lines = [f"Scenario `{scenario}`, seed {seed}, judge `{summary.get('judge', 'fluid')}`, predictor error "
+             f"{summary.get('predictor_error', 0):g}, latency planning margin {margin:g}, service time factor "
              f"{factor:g}, simulated.", "",
              "| policy | GPU-hours | energy (MWh, allocated) | energy (MWh, fleet) | cost (USD) | SLO attainment "
              "| dropped | plan changes | plan s p50 / max |",
@@ -220,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
                              "(control.lift_caps_on_bursts: false)")
     parser.add_argument("--scale-band", type=_band, default=None, metavar="LOW,HIGH,TARGET",
                         help="override murakkab's reactive autoscaler band (control.scale_band)")
+    parser.add_argument("--predictor-error", type=float, default=None, metavar="P",
+                        help="bias and noise every prediction the planners see by about P (control.predictor_error)")
+    parser.add_argument("--static-headroom", type=float, default=None, metavar="X",
+                        help="static provisions for the peak times X (control.static_headroom)")
+    parser.add_argument("--judge", choices=("requests", "fluid"), default=None,
+                        help="override the scenario's spec.judge (requests: the independent request-level model)")
     parser.add_argument("--jobs", type=int, default=1, help="policies simulated in parallel (processes)")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
@@ -230,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     changes = control_changes(args)
+    if args.judge is not None:
+        changes["judge"] = args.judge
     try:
         scenario = load(args.scenario, args.seed, changes)
     except ValueError as error:  # pydantic's ValidationError is one
@@ -253,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     summary.update({"scenario": scenario.name, "seed": seed, "simulated": True,
                     "latency_planning_margin": scenario.spec.control.latency_planning_margin,
                     "service_time_factor": scenario.spec.control.service_time_factor,
+                    "judge": scenario.spec.judge,
+                    "predictor_error": scenario.spec.control.predictor_error,
                     "wait_quantile": scenario.spec.control.wait_quantile,
                     "control_overrides": changes,
                     "bench_wall_s": time.perf_counter() - started})

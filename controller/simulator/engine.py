@@ -149,6 +149,8 @@ class Simulator(RequestSteps):
         self._outstanding_seen: dict[InstanceConfig, float] = {}
         self._step_served = self._step_met = 0.0
         self.judge_dropped = 0
+        self.throttled_gpu_s = 0.0
+        self._throttle_seen_s = 0.0
         self._perf_cache: dict[InstanceConfig, Any] = {}
         self._node_state_cache: dict[str, NodeState] = {}
         self._dirty_nodes: set[str] = set(self.nodes)
@@ -219,6 +221,7 @@ class Simulator(RequestSteps):
         }
         if self.spec.faults:
             extra["fault_reactions"] = [r.view() for r in self.reactions]
+            extra["throttled_gpu_minutes"] = self.throttled_gpu_s / 60.0
         return self.recorder.report(scenario=self.scenario.name, policy=getattr(self.policy, "name", "?"),
                                     seed=self.spec.seed, sim_wall_s=wall_s, extra=extra)
 
@@ -434,6 +437,7 @@ class Simulator(RequestSteps):
 
     def _observe_fleet(self, now_s: float) -> None:
         if self.telemetry:
+            self._count_throttled(now_s)
             self._measured_w = self._device_power_w()
             self.thermals.advance(now_s, self._measured_w, {n.name: n.hardware for n in self.nodes.values()})
         self._carry_out(self.autopilot.handle(FleetObserved(now_s, tuple(self._node_states()), self.hardware,
@@ -606,6 +610,16 @@ class Simulator(RequestSteps):
                 base = power.get(key, hw.idle_power_w)
                 power[key] = max(base, hw.instance_idle_power_w) + rho * (busy_w - hw.instance_idle_power_w)
         return power
+
+    def _count_throttled(self, now_s: float) -> None:
+        """GPU-seconds spent above the thermal slowdown thresholds since the last reading (for the report)."""
+        dt = now_s - self._throttle_seen_s
+        self._throttle_seen_s = now_s
+        if dt <= 0:
+            return
+        for (node, index) in self.thermals.temperature_c:
+            if node not in self.down and self.thermals.reasons((node, index), self.nodes[node].hardware):
+                self.throttled_gpu_s += dt
 
     def _telemetry_of(self, node: str, index: int) -> dict[str, Any]:
         if not self.telemetry or node in self.down:

@@ -14,8 +14,8 @@ from controller.simulator.predictor_error import ErroneousPerfModel
 from controller.simulator.report import write_plots, write_report
 from controller.simulator.scenario import POLICY_NAMES, Scenario
 from policies.autopilot.planning import (
-    CAP_FRACTIONS, MURAKKAB_SCALE_BAND, MURAKKAB_UTILIZATION_TARGET, PAPER_SCALE_BAND, EpochPolicy, MurakkabPolicy,
-    PlanningInputs, ScaleBand, StaticPolicy,
+    CAP_FRACTIONS, MURAKKAB_SCALE_BAND, MURAKKAB_UTILIZATION_TARGET, MurakkabPolicy, PeakPolicy, PlanningInputs,
+    ScaleBand, StaticPolicy,
 )
 from policies.model import HardwareType, PerfModel
 from policies.perf_model import CatalogPerfModel, standard_hardware
@@ -59,33 +59,37 @@ def stage_items(scenario: Scenario) -> dict[str, dict[str, float]]:
 
 
 def build_policy(name: str, scenario: Scenario, perf: PerfModel) -> Any:
-    """One of the three policies, configured from the scenario's control section."""
+    """A policy by name (``POLICY_NAMES``), configured from the scenario's control section.
+
+    One set of settings serves every MILP policy (utilization target, scale band, queueing-aware sizing,
+    forecast quantile: murakkab's), so murakkab-epoch differs from murakkab only in the ideas under test:
+    5-minute epochs, power caps, co-location, cap lifting on bursts and heat reactions. The ablations add
+    them in that order; murakkab has them all.
+    """
     control = scenario.spec.control
-    # Both MILP policies keep the margin of every latency bound free for waiting; only murakkab sizes
-    # its pools for the waits (the paper's MILP sizes them on throughput).
     inputs = PlanningInputs(workflows=dict(scenario.workflows), catalog=dict(scenario.catalog), perf=perf,
                             stage_items=stage_items(scenario), queueing_slack=control.latency_planning_margin)
-    tick_s = control.reactive_interval_s
-    if name in control.utilization_target:
-        inputs = dataclasses.replace(inputs, utilization_target=control.utilization_target[name])
-    band = control.scale_band.get(name)
+    if name == "static-naive":
+        return StaticPolicy(inputs, name="static-naive")
+    target = control.utilization_target.get(name, control.utilization_target.get("murakkab",
+                                                                                  MURAKKAB_UTILIZATION_TARGET))
+    tuned = dataclasses.replace(inputs, wait_quantile=control.wait_quantile, switch_penalty=control.switch_penalty,
+                                price_weight_w=control.price_weight_w, utilization_target=target)
     if name == "static":
-        return StaticPolicy(inputs)
-    if name == "murakkab-epoch":
-        return EpochPolicy(inputs, epoch_s=control.epoch_s.get(name, 3600.0), tick_s=tick_s,
-                           scale_band=PAPER_SCALE_BAND if band is None else ScaleBand(band.low, band.high, band.target))
-    if name == "murakkab":
-        return MurakkabPolicy(dataclasses.replace(inputs, wait_quantile=control.wait_quantile,
-                                                  switch_penalty=control.switch_penalty,
-                                                  price_weight_w=control.price_weight_w,
-                                                  colocate_max_busy=control.colocate_max_busy),
-                              epoch_s=control.epoch_s.get(name, 300.0), tick_s=tick_s,
-                              utilization_target=control.utilization_target.get(name, MURAKKAB_UTILIZATION_TARGET),
-                              cap_fractions=tuple(control.cap_fractions) if control.cap_fractions else CAP_FRACTIONS,
-                              scale_band=MURAKKAB_SCALE_BAND if band is None else
-                              ScaleBand(band.low, band.high, band.target),
-                              lift_caps_on_bursts=control.lift_caps_on_bursts)
-    raise ValueError(f"unknown policy {name!r} (policies: {', '.join(POLICY_NAMES)})")
+        return PeakPolicy(tuned, headroom=control.static_headroom)
+    if name not in POLICY_NAMES:
+        raise ValueError(f"unknown policy {name!r} (policies: {', '.join(POLICY_NAMES)})")
+    ideas = set(name.split("+")[1:]) if name.startswith("murakkab-epoch") else \
+        {"5min", "caps", "colocation", "lift"}
+    band = control.scale_band.get(name) or control.scale_band.get("murakkab")
+    caps = (tuple(control.cap_fractions) if control.cap_fractions else CAP_FRACTIONS) if "caps" in ideas else (1.0,)
+    if "colocation" in ideas:
+        tuned = dataclasses.replace(tuned, colocate_max_busy=control.colocate_max_busy)
+    epoch_s = control.epoch_s.get(name, control.epoch_s.get("murakkab", 300.0) if "5min" in ideas else 3600.0)
+    return MurakkabPolicy(tuned, name=name, epoch_s=epoch_s, tick_s=control.reactive_interval_s,
+                          utilization_target=target, cap_fractions=caps,
+                          scale_band=MURAKKAB_SCALE_BAND if band is None else ScaleBand(band.low, band.high, band.target),
+                          lift_caps_on_bursts="lift" in ideas and control.lift_caps_on_bursts)
 
 
 def run_simulation(scenario: Scenario, policy_name: str, out_dir: str | Path | None = None, *,

@@ -374,6 +374,39 @@ def _static_solution(problem: Problem, rates: Mapping[Demand, float], picks: dic
                     instance_devices=devices)
 
 
+
+class PeakPolicy(StaticPolicy):
+    """What a careful operator deploys and never touches: the tier-aware MILP (any GPU type, no power caps)
+    solved once for the peak rates times ``headroom``; no re-planning, no reactive scaling."""
+
+    def __init__(self, inputs: PlanningInputs, headroom: float = 1.2, name: str = "static") -> None:
+        super().__init__(inputs, headroom=headroom, name=name)
+
+    def decide(self, now_s: float, observed: dict[Demand, float], state: ClusterState) -> Decision | None:
+        outcome = self.step(now_s, observed, state)
+        if isinstance(outcome, SolveNeeded):
+            return self.adopt(optimize(outcome.problem), outcome.reason)
+        return outcome
+
+    def step(self, now_s: float, observed: dict[Demand, float], state: ClusterState  # type: ignore[override]
+             ) -> Decision | SolveNeeded | None:
+        if self.solution is not None or getattr(self, "_asked", False):
+            return None
+        peaks = dict(state.peak_rates or {})
+        for demand, rate in {**observed, **self.floor_rps}.items():
+            peaks[demand] = max(peaks.get(demand, 0.0), rate)
+        self._peaks = peaks
+        self._asked = True
+        source = "the trace's peak" if state.peak_rates else "the first observed rates (no peak given)"
+        return SolveNeeded(self.inputs.problem(self.planned_rates(), state),
+                           f"{self.name}: MILP once for {source} x {self.headroom:g}")
+
+    def replan(self, state: ClusterState, why: str) -> SolveNeeded:  # type: ignore[override]
+        for demand, rate in {**(state.peak_rates or {}), **self.floor_rps}.items():
+            self._peaks[demand] = max(self._peaks.get(demand, 0.0), rate)
+        return SolveNeeded(self.inputs.problem(self.planned_rates(), state),
+                           f"{self.name}: MILP for the peaks seen so far x {self.headroom:g} ({why})")
+
 # --- forecasting policies ---------------------------------------------------------------------
 
 
