@@ -168,7 +168,6 @@ class RequestJudge:
         self._pending_head = 0
         self.tally = Tally()
         self.latencies_s: dict[str, list[float]] = {}  # per tier label, sampled (for percentiles)
-        self._sample_every = 1
         self.pool_outstanding_s: dict[InstanceConfig, float] = {}  # request-seconds in each pool's instances
         self._outstanding: dict[InstanceConfig, tuple[int, float]] = {}  # (invocations, since)
         self._busy_w: dict[InstanceConfig, float | None] = {}
