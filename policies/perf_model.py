@@ -42,7 +42,7 @@ from typing import Any
 
 from common.devices.gpu_specs import GPU_SPECS, GpuSpec
 from common.devices.physics import operating_point
-from common.workflow.catalog import ExecutorSpec
+from common.workflow.catalog import ExecutorSpec, knob_settings, option_accuracy  # noqa: F401 (re-exported)
 from policies.model import HardwareType, InstanceConfig, Perf
 
 GIB = 1 << 30
@@ -118,28 +118,6 @@ def model_memory_bytes(executor: ExecutorSpec) -> int:
     """GPU memory of the whole model: per-device memory at the catalog's gpu_count, times gpu_count."""
     per_device = max(executor.resources.gpu_memory_bytes, executor.sim.memory_bytes if executor.sim else 0)
     return per_device * executor.resources.gpu_count
-
-
-def knob_settings(exe: ExecutorSpec, workflow: str) -> list[dict[str, Any]]:
-    """The default knob setting plus every setting a quality entry for this workflow names."""
-    defaults = exe.knob_defaults()
-    settings: list[dict[str, Any]] = [defaults]
-    for entry in exe.quality:
-        if entry.workflow != workflow:
-            continue
-        if any(k not in exe.knobs or not exe.knobs[k].allows(v) for k, v in entry.knobs.items()):
-            continue
-        setting = {**defaults, **entry.knobs}
-        if setting not in settings:
-            settings.append(setting)
-    return settings
-
-
-def option_accuracy(exe: ExecutorSpec, workflow: str, knobs: Mapping[str, Any]) -> float | None:
-    """Best quality entry for the workflow whose knobs all match; None (unknown) without one."""
-    matching = [q.accuracy for q in exe.quality
-                if q.workflow == workflow and all(knobs.get(k) == v for k, v in q.knobs.items())]
-    return max(matching, default=None)
 
 
 def knob_factor(executor: ExecutorSpec, knobs: Mapping[str, Any]) -> float:

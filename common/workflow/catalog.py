@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -208,3 +209,27 @@ def executor_issues(spec: ExecutorSpec) -> list[tuple[str, str]]:
         issues.append((field, "GPU settings need resources.device: gpu"))
     return issues
 
+
+# --- what a catalog says about an executor's options (the planner and the simulator's judge both read it) ---
+
+
+def knob_settings(exe: ExecutorSpec, workflow: str) -> list[dict[str, Any]]:
+    """The default knob setting plus every setting a quality entry for this workflow names."""
+    defaults = exe.knob_defaults()
+    settings: list[dict[str, Any]] = [defaults]
+    for entry in exe.quality:
+        if entry.workflow != workflow:
+            continue
+        if any(k not in exe.knobs or not exe.knobs[k].allows(v) for k, v in entry.knobs.items()):
+            continue
+        setting = {**defaults, **entry.knobs}
+        if setting not in settings:
+            settings.append(setting)
+    return settings
+
+
+def option_accuracy(exe: ExecutorSpec, workflow: str, knobs: Mapping[str, Any]) -> float | None:
+    """Best quality entry for the workflow whose knobs all match; None (unknown) without one."""
+    matching = [q.accuracy for q in exe.quality
+                if q.workflow == workflow and all(knobs.get(k) == v for k, v in q.knobs.items())]
+    return max(matching, default=None)

@@ -14,32 +14,13 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from common.workflow.catalog import ExecutorSpec
+from common.workflow.catalog import ExecutorSpec, knob_settings, option_accuracy
 from controller.simulator.judge.models import Work, gpu_profile, stage_work, unloaded_latency_s
 from policies.model import SloTargets
 from policies.plan import Demand
 
 TP_SIZES = (1, 2, 4, 8)
 EPS = 1e-9
-
-
-def knob_settings(exe: ExecutorSpec, workflow: str) -> list[dict[str, Any]]:
-    """The default knobs and every setting a quality entry for the workflow names (the options a tier weighs)."""
-    defaults = exe.knob_defaults()
-    settings = [defaults]
-    for entry in exe.quality:
-        if entry.workflow == workflow and all(k in exe.knobs and exe.knobs[k].allows(v) for k, v in entry.knobs.items()):
-            setting = {**defaults, **entry.knobs}
-            if setting not in settings:
-                settings.append(setting)
-    return settings
-
-
-def accuracy_of(exe: ExecutorSpec, workflow: str, knobs: Mapping[str, Any]) -> float | None:
-    """The catalog's best quality entry for the workflow whose knobs all match; None when unknown."""
-    found = [q.accuracy for q in exe.quality
-             if q.workflow == workflow and all(knobs.get(k) == v for k, v in q.knobs.items())]
-    return max(found, default=None)
 
 
 def on_gpu(exe: ExecutorSpec) -> bool:
@@ -112,7 +93,7 @@ class Targets:
             found: list[tuple[float | None, float]] = []
             for exe in sorted(candidates, key=lambda e: e.name):
                 for knobs in knob_settings(exe, workflow):
-                    accuracy = accuracy_of(exe, workflow, knobs)
+                    accuracy = option_accuracy(exe, workflow, knobs)
                     if floor is not None and (accuracy is None or accuracy < floor - EPS):
                         continue
                     work = stage_work(stage.task, knobs, items)
@@ -133,7 +114,7 @@ class Targets:
         floor = self.accuracy_floor(workflow, stage, tier)
         if floor is None:
             return True
-        accuracy = accuracy_of(exe, workflow, knobs) if exe is not None else None
+        accuracy = option_accuracy(exe, workflow, knobs) if exe is not None else None
         return accuracy is not None and accuracy >= floor - EPS
 
     def target_s(self, demand: Demand) -> float:
