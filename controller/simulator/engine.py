@@ -587,10 +587,15 @@ class Simulator(RequestSteps):
             self.down.discard(fault.node)
             self._dirty_nodes.add(fault.node)
             self._feed(NodeReport(fault.node, True, (), now_s), now_s)
-        elif fault.kind == "cooling-failure":
-            self.thermals.cooling_failed.add((fault.node, fault.device))
-        elif fault.kind == "cooling-restored":
-            self.thermals.cooling_failed.discard((fault.node, fault.device))
+        elif fault.kind in ("cooling-failure", "cooling-restored"):
+            devices = [(fault.node, fault.device)] if fault.rack is None else [
+                (n.name, i) for n in self.nodes.values() if n.rack == fault.rack and n.hardware != "cpu"
+                for i in range(n.devices)]
+            for key in devices:
+                if fault.kind == "cooling-failure":
+                    self.thermals.cooling_failed.add(key)
+                else:
+                    self.thermals.cooling_failed.discard(key)
         else:
             self._carry_out(self.autopilot.handle(BudgetSet(now_s, fault.rack, fault.power_budget_w, "scenario")),
                             now_s)

@@ -442,7 +442,8 @@ FAULT_KINDS = ("node-failure", "node-recovery", "cooling-failure", "cooling-rest
 
 class FaultSpec(_Strict):
     """A fault or facility change at a scheduled time: a node fails or comes back (``node``, the node's
-    ``{group}-{n:04d}`` name), a GPU loses or regains its cooling (``node``, ``device``), or a power budget
+    ``{group}-{n:04d}`` name), a GPU loses or regains its cooling (``node``, ``device``; or ``rack``: every
+    GPU of the rack), or a power budget
     is set (``rack``: null for the cluster; ``power_budget_w``: null clears it)."""
 
     at_s: float = Field(ge=0)
@@ -454,8 +455,11 @@ class FaultSpec(_Strict):
 
     @model_validator(mode="after")
     def _fields_for_kind(self) -> "FaultSpec":
+        cooling_of_rack = self.kind.startswith("cooling-") and self.rack is not None
         needs = {"node-failure": {"node"}, "node-recovery": {"node"}, "cooling-failure": {"node", "device"},
                  "cooling-restored": {"node", "device"}, "budget": set()}[self.kind]
+        if cooling_of_rack:  # a rack's cooling: every GPU of every node in the rack
+            needs = {"rack"}
         allowed = needs | ({"rack", "power_budget_w"} if self.kind == "budget" else set())
         for name in ("node", "device", "rack", "power_budget_w"):
             given = getattr(self, name) is not None

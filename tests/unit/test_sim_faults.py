@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 DRILLS = ROOT / "examples" / "scenarios" / "drills.yaml"
 
 
+RACK = "rack-a"
+
+
 def drills(duration_s: float | None = None, faults: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     doc = yaml.safe_load(DRILLS.read_text())
     if duration_s is not None:
@@ -103,3 +106,27 @@ def test_bad_faults_are_refused_with_the_field_and_why(fault: dict[str, Any], me
     with pytest.raises(ScenarioError) as err:
         parse_scenario(drills(faults=[fault]), "drills.yaml", ROOT / "examples" / "scenarios")
     assert "faults" in str(err.value) and message in str(err.value), str(err.value)
+
+
+def test_a_racks_cooling_failure_reaches_every_gpu_of_the_rack() -> None:
+    doc = drills(600.0, [{"at_s": 60, "kind": "cooling-failure", "rack": RACK},
+                         {"at_s": 300, "kind": "cooling-restored", "rack": RACK}])
+    scenario = parse_scenario(copy.deepcopy(doc), "drills.yaml", ROOT / "examples" / "scenarios")
+    from controller.simulator.engine import Simulator
+    from controller.simulator.run import build_policy, scenario_hardware
+    from policies.perf_model import CatalogPerfModel
+    from tests.unit.fluid import fluid
+    scenario = fluid(scenario)
+    hardware = scenario_hardware(scenario)
+    perf = CatalogPerfModel(hardware)
+    sim = Simulator(scenario, build_policy("murakkab", scenario, perf), perf=perf, hardware=hardware)
+    in_rack = {(n.name, i) for n in sim.nodes.values() if n.rack == RACK for i in range(n.devices)}
+    assert in_rack
+    failure, restore = scenario.spec.faults
+    sim._fault(failure, 60.0)
+    assert sim.thermals.cooling_failed == in_rack
+    sim._fault(restore, 300.0)
+    assert not sim.thermals.cooling_failed
+    with pytest.raises(ScenarioError, match="cooling-failure needs node"):
+        parse_scenario(drills(600.0, [{"at_s": 60, "kind": "cooling-failure", "device": 0}]), "drills.yaml",
+                       ROOT / "examples" / "scenarios")
