@@ -572,7 +572,10 @@ class Simulator(RequestSteps):
 
     def _fault(self, fault: Any, now_s: float) -> None:
         self.recorder.event(now_s, f"fault {fault.kind}", fault.model_dump(exclude_none=True))
-        self.reactions.append(Reaction(fault.model_dump(exclude_none=True), now_s))
+        subjects = frozenset(f"{n.name}/gpu{i}" for n in self.nodes.values() if fault.rack is not None
+                             and n.rack == fault.rack and n.hardware != "cpu" for i in range(n.devices)) \
+            if fault.kind.startswith("cooling") else frozenset()
+        self.reactions.append(Reaction(fault.model_dump(exclude_none=True), now_s, subjects=subjects))
         if fault.kind == "node-failure":
             self.down.add(fault.node)
             for comp in list(self.agents.components.get(fault.node, {}).values()):

@@ -72,6 +72,7 @@ class Reaction:
     at_s: float
     reacted_s: float | None = None
     reaction: str | None = None
+    subjects: frozenset[str] = frozenset()  # the devices ("node/gpuN") a rack's cooling fault covers
 
     def view(self) -> dict[str, Any]:
         return {**self.fault, "reaction": self.reaction,
@@ -89,6 +90,8 @@ def matches(reaction: Reaction, kind: str, subject: str) -> bool:
     if kind not in REACTIONS.get(fault["kind"], ()):
         return False
     if fault["kind"].startswith("cooling"):
+        if fault.get("rack") is not None:
+            return subject in reaction.subjects
         return subject == f"{fault['node']}/gpu{fault['device']}"
     if fault["kind"] == "budget":
         return subject == ("cluster" if fault.get("rack") is None else f"rack {fault['rack']}")

@@ -130,3 +130,10 @@ def test_a_racks_cooling_failure_reaches_every_gpu_of_the_rack() -> None:
     with pytest.raises(ScenarioError, match="cooling-failure needs node"):
         parse_scenario(drills(600.0, [{"at_s": 60, "kind": "cooling-failure", "device": 0}]), "drills.yaml",
                        ROOT / "examples" / "scenarios")
+
+
+def test_the_autopilot_reacts_to_a_racks_cooling_failure() -> None:
+    report = run(drills(3000.0, [{"at_s": 1800, "kind": "cooling-failure", "rack": RACK}]))
+    heat = reaction(report, "cooling-failure")
+    assert heat["reaction"] == "heat" and 0 < heat["reaction_after_s"] < 1200
+    assert report["throttled_gpu_minutes"] >= 0
