@@ -381,6 +381,7 @@ class PeakPolicy(StaticPolicy):
 
     def __init__(self, inputs: PlanningInputs, headroom: float = 1.2, name: str = "static") -> None:
         super().__init__(inputs, headroom=headroom, name=name)
+        self._asked = False  # the one MILP was asked for (a refused solve is not retried)
 
     def decide(self, now_s: float, observed: dict[Demand, float], state: ClusterState) -> Decision | None:
         outcome = self.step(now_s, observed, state)
@@ -390,7 +391,7 @@ class PeakPolicy(StaticPolicy):
 
     def step(self, now_s: float, observed: dict[Demand, float], state: ClusterState  # type: ignore[override]
              ) -> Decision | SolveNeeded | None:
-        if self.solution is not None or getattr(self, "_asked", False):
+        if self.solution is not None or self._asked:
             return None
         peaks = dict(state.peak_rates or {})
         for demand, rate in {**observed, **self.floor_rps}.items():

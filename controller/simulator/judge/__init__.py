@@ -14,16 +14,13 @@ from typing import Any
 from controller.simulator.judge.batching import BatchEngine, EngineProfile, closed_loop_latency_s
 from controller.simulator.judge.requests import RequestJudge
 
-try:  # measured on this project's machines (bench/judge_calibration.py)
-    from controller.simulator.judge import measured as _measured
-    CPU_PROFILES: dict[str, Any] = {
-        "tiny-llama-chat-cpu": _measured.VLLM_CPU_TINY_LLAMA_PROFILE,
-        "tiny-llama-debate-cpu": _measured.VLLM_CPU_TINY_LLAMA_PROFILE,
-        "minilm-embed-cpu": _measured.VLLM_CPU_MINILM_PROFILE,
-    }
-    CPU_STARTUP: tuple[float, float] | None = (_measured.VLLM_CPU_STARTUP_BASE_S, _measured.VLLM_CPU_LOAD_BYTES_PER_S)
-except ImportError:  # pragma: no cover - until the calibration has been run
-    CPU_PROFILES = {}
-    CPU_STARTUP = None
+from controller.simulator.judge import measured as _measured  # vllm-cpu, measured here (bench/judge_calibration.py)
+
+CPU_PROFILES: dict[str, Any] = {
+    "tiny-llama-chat-cpu": _measured.VLLM_CPU_TINY_LLAMA_PROFILE,
+    "tiny-llama-debate-cpu": _measured.VLLM_CPU_TINY_LLAMA_PROFILE,
+    "minilm-embed-cpu": _measured.VLLM_CPU_MINILM_PROFILE,
+}
+CPU_STARTUP: tuple[float, float] = (_measured.VLLM_CPU_STARTUP_BASE_S, _measured.VLLM_CPU_LOAD_BYTES_PER_S)
 
 __all__ = ["BatchEngine", "CPU_PROFILES", "CPU_STARTUP", "EngineProfile", "RequestJudge", "closed_loop_latency_s"]
