@@ -6,10 +6,12 @@ make-before-break rollouts, the object the controller daemon runs too) and the r
 (``controller.simulator.cluster``) whose components take time to start. The shell feeds the
 autopilot the fleet, one load window per decision (every ``control.reactive_interval_s``) and
 component states, solves the MILPs it asks for inline, and carries out its actions.
-What is modeled: request service (``controller.simulator.service``), device power (the sim GPU's
-DVFS model, ``common.devices.physics.operating_point``) and the request trace. Device telemetry
-(temperature, measured power) is not modeled per device, so the autopilot's heat and budget
-reactions have nothing to react to here.
+What is modeled: request service, by the scenario's judge: the request-level model of engines
+(``controller.simulator.judge``, the default, fed per step by ``judged_steps``) or the fluid model
+(``controller.simulator.service``, the planner's own formulas); device power (the sim GPU's DVFS
+model, ``common.devices.physics.operating_point``, at busy fractions the judge measures); and the
+request trace. Per-GPU telemetry (temperature, measured power, throttle reasons) is modeled only in
+scenarios with faults, so the autopilot's heat and budget reactions fire there.
 
 Events sit in a heap ordered by (time, kind): component timers (ready after start-up, gone after
 draining) first, then policy decisions, then service steps (every ``step_s``). Between
