@@ -42,7 +42,7 @@ from typing import Any
 
 from common.devices.gpu_specs import GPU_SPECS, GpuSpec
 from common.devices.physics import operating_point
-from common.workflow.catalog import ExecutorSpec, knob_settings, option_accuracy  # noqa: F401 (re-exported)
+from common.workflow.catalog import ExecutorSpec, knob_settings, option_accuracy, runs_on_gpu  # noqa: F401 (re-exported)
 from policies.model import HardwareType, InstanceConfig, Perf
 
 GIB = 1 << 30
@@ -98,11 +98,6 @@ def gpu_activity(executor: ExecutorSpec) -> tuple[float, float]:
     if executor.sim is not None:
         return executor.sim.utilization, executor.sim.memory_bound_share
     return DEFAULT_GPU_UTILIZATION, DEFAULT_MEMORY_BOUND_SHARE
-
-
-def runs_on_gpu(executor: ExecutorSpec) -> bool:
-    """GPU executors are sim and vLLM executors asking for a GPU; tools and the rest run on CPUs."""
-    return executor.resources.device == "gpu" and executor.engine in ("sim", "vllm")
 
 
 def devices_per_instance(executor: ExecutorSpec, config: InstanceConfig, hardware: HardwareType) -> float:

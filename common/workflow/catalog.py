@@ -233,3 +233,8 @@ def option_accuracy(exe: ExecutorSpec, workflow: str, knobs: Mapping[str, Any]) 
     matching = [q.accuracy for q in exe.quality
                 if q.workflow == workflow and all(knobs.get(k) == v for k, v in q.knobs.items())]
     return max(matching, default=None)
+
+
+def runs_on_gpu(executor: ExecutorSpec) -> bool:
+    """GPU executors are sim and vLLM executors asking for a GPU; tools and the rest run on CPUs."""
+    return executor.resources.device == "gpu" and executor.engine in ("sim", "vllm")

@@ -52,8 +52,9 @@ class RequestSteps:
         self._power = None
         # What the autopilot sees: requests in a pool's instances (running or queued) over their slots.
         elapsed_s = max(now_s - previous_s, 1e-9)
-        routed = self.routes.pools_used() if self.routes is not None else (
-            RouteTable.build(self.active, self.judge).pools_used() if self.active is not None else [])
+        if self.routes is None and self.active is not None:
+            self.routes = RouteTable.build(self.active, self.judge)  # reset when routing changes
+        routed = self.routes.pools_used() if self.routes is not None else []
         pending = self.autopilot.rollout.pending
         rolling = set(pending.solution.instances) if pending is not None else set()
         outstanding = judge.pool_outstanding_s

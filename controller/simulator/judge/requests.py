@@ -36,16 +36,14 @@ from controller.simulator.judge.hardware import DEVICE_RATES, GPU_ENGINE_START_B
 from controller.simulator.judge.models import (
     LLM_TASKS, Work, gpu_profile, memory_bound_share, stage_work, weights_bytes,
 )
-from controller.simulator.judge.targets import Targets, on_gpu, tool_mean_s
+from controller.simulator.judge.targets import Targets, tool_mean_s
+from common.workflow.catalog import runs_on_gpu as on_gpu
 from controller.simulator.judge.tools import ToolServer
+from controller.simulator.report import tier_label
 from policies.model import InstanceConfig, SloTargets
 from policies.plan import Demand
 
 UNSERVABLE_GRACE_S = 20.0
-
-
-def tier_label(slo: tuple[tuple[str, str], ...]) -> str:
-    return ",".join(f"{dim}:{tier}" for dim, tier in slo) or "none"
 
 
 @dataclass
@@ -227,8 +225,7 @@ class RequestJudge:
         profile = self.cpu_profiles.get(exe.name)
         if profile is not None:
             return BatchEngine(profile, self.now_s), 0.5
-        servers = exe.max_concurrency if getattr(exe, "max_concurrency", None) else max(1, int(exe.resources.cpu_cores))
-        return ToolServer(servers, tool_mean_s(exe), self.rng, self.now_s), 0.0
+        return ToolServer(exe.max_concurrency, tool_mean_s(exe), self.rng, self.now_s), 0.0
 
     def sync(self, now_s: float, components: Iterable[tuple[str, InstanceConfig, str, tuple[int, ...], str]]) -> None:
         """The live components now: (component_id, config, node, devices, state); ready ones take work,

@@ -15,16 +15,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from common.workflow.catalog import ExecutorSpec, knob_settings, option_accuracy
+from common.workflow.catalog import runs_on_gpu as on_gpu
 from controller.simulator.judge.models import Work, gpu_profile, stage_work, unloaded_latency_s
 from policies.model import SloTargets
 from policies.plan import Demand
 
 TP_SIZES = (1, 2, 4, 8)
 EPS = 1e-9
-
-
-def on_gpu(exe: ExecutorSpec) -> bool:
-    return exe.resources.device == "gpu" and exe.engine in ("sim", "vllm")
 
 
 def tool_mean_s(exe: ExecutorSpec) -> float:
