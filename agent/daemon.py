@@ -34,10 +34,16 @@ from common.protocol import (
     DeviceTelemetry, ErrorReply, Heartbeat, HeartbeatAck, InvocationResult, Invoke, Register, RegisterAccepted,
     ReregisterRequired, SetPowerLimit, StartComponent, StopComponent, build_dispatch,
 )
+from common.systemd_notify import Notifier, watchdog_loop
 from common.transport import RemoteError, RequestTimeout, RpcEndpoint, backoff_delays, configure_socket
 from common.workflow.catalog import ExecutorSpec
 
 log = logging.getLogger("murakkab.agent")
+
+# Under systemd (Type=notify) the agent reports READY=1 once the controller accepts its registration, or after
+# this long without one (with a STATUS saying it is still trying): a controller outage at boot must not fail
+# every agent unit's start. systemd/murakkab-agent.service's TimeoutStartSec= is this plus a margin.
+READY_WITHOUT_CONTROLLER_S = 60.0
 
 
 def next_generation(state_dir: Path) -> int:
@@ -108,8 +114,14 @@ class Agent:
     def __init__(self, settings: AgentSettings, devices: list[Device], *, ctx: zmq.Context | None = None,
                  clock: Callable[[], float] = time.monotonic, generation: int | None = None,
                  host_sampler: HostSampler | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, notifier: Notifier | None = None,
+                 ready_without_controller_s: float = READY_WITHOUT_CONTROLLER_S) -> None:
         self.settings = settings
+        # systemd readiness and watchdog (a no-op when not started by a Type=notify unit); reading the
+        # environment removes NOTIFY_SOCKET and WATCHDOG_*, so the engines started later do not inherit them
+        self.notifier = notifier if notifier is not None else Notifier.from_environment()
+        self.ready_without_controller_s = ready_without_controller_s
+        self._ready_sent = False
         self.devices = {d.info.index: d for d in devices}
         self.clock = clock
         self.ctx = ctx or zmq.Context.instance()
@@ -172,6 +184,9 @@ class Agent:
     # --- controller link ---------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
+        self.notifier.status(f"starting; will register with {self.settings.controller}")
+        ready_fallback = asyncio.get_running_loop().call_later(
+            self.ready_without_controller_s, self._ready_without_controller)
         # Before registering: engines an earlier agent on this state dir left running (it was
         # SIGKILLed or crashed) hold memory and ports the controller is about to hand out again.
         try:
@@ -191,6 +206,8 @@ class Agent:
             on_rejected=lambda code: self.metrics.frames_rejected.labels("controller", code).inc())
         tasks = [asyncio.create_task(self.endpoint.serve()), asyncio.create_task(self._sample_loop()),
                  asyncio.create_task(self._link_loop()), asyncio.create_task(self.components.run())]
+        if self.notifier.watchdog_interval_s is not None:  # it never returns, so it cannot end the agent
+            tasks.append(asyncio.create_task(watchdog_loop(self.notifier)))
         if stop is not None:
             tasks.append(asyncio.create_task(stop.wait()))
         try:
@@ -199,6 +216,8 @@ class Agent:
                 if not task.cancelled() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
         finally:
+            ready_fallback.cancel()
+            self.notifier.stopping(f"stopping: draining components (up to {self.settings.shutdown_drain_s:g} s)")
             try:  # components first, while the endpoint still answers the invocations they finish
                 await self.components.shutdown(self.settings.shutdown_drain_s)
             except Exception:
@@ -209,6 +228,7 @@ class Agent:
             self.endpoint.close()
             for device in self.devices.values():
                 device.close()
+            self.notifier.close()
 
     async def _link_loop(self) -> None:
         while True:
@@ -228,6 +248,7 @@ class Agent:
             except RequestTimeout:
                 self.metrics.registrations.labels("timeout").inc()
                 log.info("registration with %s timed out; retrying", self.settings.controller)
+                self.notifier.status(f"registering with {self.settings.controller}: no answer yet; retrying")
             except RemoteError as exc:
                 self.metrics.registrations.labels(exc.code).inc()
                 log.error("controller refused registration: %s", exc)
@@ -239,9 +260,27 @@ class Agent:
                     log.info("registered as %s generation %d with controller epoch %d (%s); metrics on port %s",
                              self.settings.node_name, self.generation, reply.controller_epoch, reply.state,
                              self.metrics_port)
+                    self._registered(reply.controller_epoch)
                     return
                 log.error("unexpected reply to register: %s", reply.op)
             await asyncio.sleep(next(delays))
+
+    def _registered(self, epoch: int) -> None:
+        text = f"registered as {self.settings.node_name} generation {self.generation} with controller epoch {epoch}"
+        if self._ready_sent:
+            self.notifier.status(text)
+        else:
+            self._ready_sent = True
+            self.notifier.ready(text)
+
+    def _ready_without_controller(self) -> None:
+        if self._ready_sent:
+            return
+        self._ready_sent = True
+        log.warning("not registered with %s after %g s; reporting the unit started and still trying",
+                    self.settings.controller, self.ready_without_controller_s)
+        self.notifier.ready(f"not registered yet: no answer from {self.settings.controller} after "
+                            f"{self.ready_without_controller_s:g} s; still trying")
 
     async def _heartbeat_until_lost(self) -> None:
         assert self.endpoint is not None

@@ -23,6 +23,7 @@ from common.protocol import (
     ErrorReply, Heartbeat, HeartbeatAck, Register, RegisterAccepted, ReregisterRequired, SetPowerLimit,
     build_dispatch,
 )
+from common.systemd_notify import Notifier, watchdog_loop
 from common.transport import PeerUnreachable, RemoteError, RequestTimeout, RpcEndpoint, configure_socket
 from controller.admin import AdminApi
 from controller.autopilot_shell import AutopilotSettings
@@ -40,8 +41,11 @@ log = logging.getLogger("murakkab.controller")
 
 
 class Controller:
-    def __init__(self, settings: ControllerSettings, *, clock: Any = time.monotonic) -> None:
+    def __init__(self, settings: ControllerSettings, *, clock: Any = time.monotonic,
+                 notifier: Notifier | None = None) -> None:
         self.settings = settings
+        # systemd readiness and watchdog (a no-op when not started by a Type=notify unit)
+        self.notifier = notifier if notifier is not None else Notifier.from_environment()
         self.clock = clock
         self.started_s = clock()
         self.unix_offset_s = time.time() - self.started_s
@@ -106,9 +110,13 @@ class Controller:
         self.profiler.load()
         self._tasks = [asyncio.create_task(self.agents.serve()), asyncio.create_task(self.admin.serve()),
                        asyncio.create_task(self._tick_loop())]
+        if self.notifier.watchdog_interval_s is not None:  # the loop never returns, so it cannot end run_forever
+            self._tasks.append(asyncio.create_task(watchdog_loop(self.notifier)))
         self._write_endpoints()
         log.info("controller epoch %d serving agents on %s, admin on %s, metrics on %s",
                  self.epoch, self.agent_endpoint, self.admin_endpoint, self.metrics_port)
+        # Both sockets are bound and endpoints.json is written: agents and murakkabctl can connect now.
+        self.notifier.ready(f"epoch {self.epoch}: agents on {self.agent_endpoint}, admin on {self.admin_endpoint}")
 
     def _write_endpoints(self) -> None:
         """Publish bound addresses (ports may have been chosen by the OS) for tools to find."""
@@ -130,6 +138,7 @@ class Controller:
             await self.close()
 
     async def close(self) -> None:
+        self.notifier.stopping(f"epoch {self.epoch}: shutting down")
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -140,6 +149,7 @@ class Controller:
                 endpoint.close()
         self.ctx.destroy(linger=0)  # closes any socket left open, so shutdown cannot block
         self.store.close()
+        self.notifier.close()
 
     async def _tick_loop(self) -> None:
         while True:
