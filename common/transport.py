@@ -6,18 +6,25 @@ matched to pending requests by id; requests go to a dispatch table built from
 the message registry. A frame that fails to decode is counted, answered with an
 ``error`` reply when its request id is readable, logged once per peer and
 interval, and otherwise dropped: it never reaches a handler or ends the loop.
+
+On a CURVE socket an endpoint has a *gate*: every decoded frame is checked against the
+key ZeroMQ authenticated it with (the ``User-Id`` the ZAP handler set) before it is
+matched or dispatched, and the caller the gate names is visible to the handler through
+:data:`current_caller`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import itertools
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import zmq
 
@@ -31,6 +38,22 @@ EVENTS = int(zmq.EVENTS)
 POLLIN = int(zmq.POLLIN)
 
 Handler = Callable[[bytes, Any], Any]  # (peer identity, message) -> reply | awaitable reply | None
+
+# Who sent the request being handled, as the endpoint's gate named it (None without a gate).
+current_caller: contextvars.ContextVar[Any] = contextvars.ContextVar("murakkab_current_caller", default=None)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A gate's answer for a frame it does not let through: sent back as an ``error`` reply."""
+
+    code: str
+    message: str
+
+
+class Gate(Protocol):
+    def admit(self, peer: bytes, user_id: str, fd: int, op: str, is_request: bool) -> Any:
+        """The caller (anything but a Refusal) when the frame may pass, else a Refusal."""
 
 
 class RequestTimeout(Exception):
@@ -81,14 +104,27 @@ def backoff_delays(base_s: float, cap_s: float, rng: random.Random | None = None
         yield rng.uniform(0, min(cap_s, base_s * (2 ** min(attempt, 30))))
 
 
-def configure_socket(sock: zmq.Socket, *, router: bool) -> None:
+ZMTP_HEARTBEAT_IVL_MS = 5000
+ZMTP_HEARTBEAT_TIMEOUT_MS = 15000
+
+
+def configure_socket(sock: zmq.Socket, *, router: bool, handover: bool = True) -> None:
+    """Common options; ``handover`` lets a new connection take over a connected peer's identity.
+
+    Under CURVE the agent socket turns handover off, so one authenticated peer cannot steal
+    another's identity; ZMTP heartbeats then drop a dead connection (a host that vanished
+    without closing it) within ``ZMTP_HEARTBEAT_TIMEOUT_MS``, so its agent can come back.
+    """
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES + 1024)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
     if router:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted agent takes over its identity
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1 if handover else 0)
+        if not handover:
+            sock.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_IVL_MS)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMTP_HEARTBEAT_TIMEOUT_MS)
     else:
         sock.setsockopt(zmq.IMMEDIATE, 1)  # do not queue for a peer that is not connected
 
@@ -108,8 +144,9 @@ class RpcEndpoint:
     def __init__(self, sock: zmq.Socket, *, router: bool, name: str,
                  dispatch: Mapping[str, Handler] | None = None,
                  on_rejected: Callable[[str], None] | None = None,
-                 log_interval_s: float = 60.0, coalesce_s: float = 0.0) -> None:
+                 log_interval_s: float = 60.0, coalesce_s: float = 0.0, gate: Gate | None = None) -> None:
         self.sock, self.router, self.name = sock, router, name
+        self.gate = gate
         self.coalesce_s = coalesce_s
         self._fd = -1
         self.dispatch = dict(dispatch or {})
@@ -192,12 +229,20 @@ class RpcEndpoint:
         """Handle every queued message; runs as the loop's reader callback, so no task wakes per message."""
         if not self._reading:
             return
+        gated = self.gate is not None
         for _ in range(self.BATCH):
             try:
-                parts = self.sock.recv_multipart(flags=NOBLOCK)
+                if gated:  # frames, to read the key ZeroMQ authenticated and the descriptor it came on
+                    frames = self.sock.recv_multipart(flags=NOBLOCK, copy=False)
+                else:
+                    parts = self.sock.recv_multipart(flags=NOBLOCK)
             except zmq.Again:
                 return
-            self.handle_parts(parts)
+            if gated:
+                last = frames[-1]
+                self.handle_parts([f.bytes for f in frames], last.get("User-Id"), last.get(zmq.SRCFD))
+            else:
+                self.handle_parts(parts)
         asyncio.get_running_loop().call_soon(self._drain)  # a full batch: let others run, then go on
 
     def _fallback_poll(self) -> None:
@@ -244,7 +289,7 @@ class RpcEndpoint:
             self._fallback.cancel()
             loop.remove_reader(self._fd)
 
-    def handle_parts(self, parts: list[bytes]) -> None:
+    def handle_parts(self, parts: list[bytes], user_id: str = "", fd: int = -1) -> None:
         if self.router:
             if len(parts) != 2:
                 peer = parts[0] if parts else b""
@@ -261,6 +306,14 @@ class RpcEndpoint:
         except ProtocolError as exc:
             self._reject(peer, exc)
             return
+        caller = None
+        if self.gate is not None:
+            caller = self.gate.admit(peer, user_id, fd, frame.spec.op, frame.spec.kind == "request")
+            if isinstance(caller, Refusal):
+                self.on_rejected(caller.code)
+                if frame.spec.kind == "request":
+                    self._reply(peer, frame.request_id, ErrorReply(caller.code, caller.message))
+                return
         if frame.spec.kind == "reply":
             future = self._pending.get((peer, frame.request_id))
             if future is not None and not future.done():
@@ -268,25 +321,30 @@ class RpcEndpoint:
             else:  # late (the request timed out) or never asked for: harmless, but worth counting
                 self._reject(peer, ProtocolError("unexpected_reply", f"{frame.spec.op} matches no pending request"))
             return
-        self._dispatch(peer, frame)
+        self._dispatch(peer, frame, caller)
 
-    def _dispatch(self, peer: bytes, frame: Frame) -> None:
+    def _dispatch(self, peer: bytes, frame: Frame, caller: Any = None) -> None:
         handler = self.dispatch.get(frame.spec.op)
         if handler is None:
             self._reject(peer, ProtocolError("unsupported_op", f"{self.name} does not serve {frame.spec.op!r}",
                                              frame.request_id))
             return
+        token = current_caller.set(caller) if caller is not None else None
         try:
-            result = handler(peer, frame.message)
-        except Exception as exc:  # a handler bug must answer the peer, not kill the daemon
-            log.exception("%s: handler for %s failed", self.name, frame.spec.op)
-            result = ErrorReply("internal", f"{frame.spec.op} failed: {type(exc).__name__}: {exc}")
-        if inspect.isawaitable(result):
-            task = asyncio.ensure_future(self._finish(peer, frame, result))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        elif result is not None:
-            self._reply(peer, frame.request_id, result)
+            try:
+                result = handler(peer, frame.message)
+            except Exception as exc:  # a handler bug must answer the peer, not kill the daemon
+                log.exception("%s: handler for %s failed", self.name, frame.spec.op)
+                result = ErrorReply("internal", f"{frame.spec.op} failed: {type(exc).__name__}: {exc}")
+            if inspect.isawaitable(result):  # the task copies the context, caller included
+                task = asyncio.ensure_future(self._finish(peer, frame, result))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            elif result is not None:
+                self._reply(peer, frame.request_id, result)
+        finally:
+            if token is not None:
+                current_caller.reset(token)
 
     async def _finish(self, peer: bytes, frame: Frame, pending: Awaitable[Any]) -> None:
         try:

@@ -20,11 +20,12 @@ from common.protocol import (
     NodeView, PinnedPowerLimit, PlanDetail, PowerBudgetDetail, PowerLimitUnpinned, SetNodePowerLimit, SetPowerBudget,
     StartProfile, SubmitJob, UndrainNode, UnpinPowerLimit, build_dispatch,
 )
-from common.transport import PeerUnreachable, RemoteError, RequestTimeout
+from common.transport import PeerUnreachable, RemoteError, RequestTimeout, current_caller
 from controller.context import ControllerContext
 from controller.registry import (
     Accepted, DrainRequested, LabelsChanged, Liveness, NodeRecord, Rejected, UndrainRequested,
 )
+from controller.security.auth import INSECURE_CALLER, Caller
 
 
 log = logging.getLogger("murakkab.controller.admin")
@@ -34,6 +35,18 @@ MAX_PAGE_NODES = 200  # a page of nodes with 8 GPUs each stays well under the 1 
 MAX_EVENT_REPLY_BYTES = 900 * 1024  # events per reply stop here, leaving the envelope room under 1 MiB
 NO_AUTOPILOT = ErrorReply("unavailable", "this controller runs no power autopilot; power budgets, pins and "
                                          "events need it")
+
+
+def caller() -> Caller:
+    """Who sent the request being served (without authentication: an anonymous admin)."""
+    found = current_caller.get()
+    return found if isinstance(found, Caller) else INSECURE_CALLER
+
+
+def jobs_visible_to() -> str | None:
+    """None when the caller sees every job; else the owner whose jobs it may see (a submitter's own)."""
+    who = caller()
+    return None if who.sees_all_jobs else who.name
 
 
 class AdminApi:
@@ -57,10 +70,10 @@ class AdminApi:
             ListWorkflows: lambda peer, m: w.list_workflows(),
             GetWorkflow: lambda peer, m: w.get_workflow(m.name),
             DeleteWorkflow: lambda peer, m: w.delete_workflow(m.name),
-            SubmitJob: lambda peer, m: w.submit(m),
-            ListJobs: lambda peer, m: w.list_jobs(m.limit, m.state, m.workflow),
-            GetJob: lambda peer, m: w.get_job(m.job_id, m.wait_s, m.include_outputs),
-            CancelJob: lambda peer, m: w.cancel(m.job_id, m.reason),
+            SubmitJob: lambda peer, m: w.submit(m, owner=caller().name),
+            ListJobs: lambda peer, m: w.list_jobs(m.limit, m.state, m.workflow, owner=jobs_visible_to()),
+            GetJob: lambda peer, m: w.get_job(m.job_id, m.wait_s, m.include_outputs, owner=jobs_visible_to()),
+            CancelJob: lambda peer, m: w.cancel(m.job_id, m.reason, owner=jobs_visible_to()),
             ListComponents: lambda peer, m: w.list_components(),
             GetPlan: lambda peer, m: PlanDetail(w.explanation),
         }

@@ -16,6 +16,10 @@ class ControllerSettings(BaseModel):
     agent_bind: str = "tcp://127.0.0.1:7500"
     admin_bind: str = "tcp://127.0.0.1:7501"
     state_dir: Path = Path("/var/lib/murakkab/controller")
+    keys_dir: Path = Field(Path("/etc/murakkab/keys"), description="the controller's CurveZMQ key pair and the "
+                                                                   "keyring clients.json ('murakkabctl keys init')")
+    insecure: bool = Field(False, description="plaintext sockets and no authentication: anyone who reaches the "
+                                              "ports can register nodes and run admin commands (logged at start)")
     metrics_host: str = "127.0.0.1"
     metrics_enabled: bool = True
     metrics_port: int = Field(9400, ge=0, le=65535, description="0 lets the OS pick a free port")

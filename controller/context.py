@@ -28,6 +28,8 @@ class ControllerMetrics:
         self.transitions = Counter("murakkab_node_transitions", "Node state transitions.", ["to"], registry=registry)
         self.commands = Counter("murakkab_commands", "Commands sent to agents.", ["op", "result"], registry=registry)
         self.jobs = Counter("murakkab_jobs", "Jobs accepted and ended, by outcome.", ["result"], registry=registry)
+        self.auth_refused = Counter("murakkab_auth_refused", "Handshakes and messages refused by authentication "
+                                    "or roles.", ["endpoint", "reason"], registry=registry)
 
 
 class ControllerContext(Protocol):

@@ -23,6 +23,7 @@ from common.protocol import (
     ErrorReply, Heartbeat, HeartbeatAck, Register, RegisterAccepted, ReregisterRequired, SetPowerLimit,
     build_dispatch,
 )
+from common.security.curve import apply_server
 from common.systemd_notify import Notifier, watchdog_loop
 from common.transport import PeerUnreachable, RemoteError, RequestTimeout, RpcEndpoint, configure_socket
 from controller.admin import AdminApi
@@ -35,6 +36,8 @@ from controller.registry import (
     Accepted, Action, HeartbeatReceived, NodeRecord, NodeRegistered, NodeRegistry, PersistNode, RegistryConfig,
     Rejected, StateChanged, Tick,
 )
+from controller.security.auth import ADMIN, AGENTS, ControlPlaneAuth
+from controller.security.keyring import server_credentials
 from controller.store import Store
 
 log = logging.getLogger("murakkab.controller")
@@ -44,6 +47,13 @@ class Controller:
     def __init__(self, settings: ControllerSettings, *, clock: Any = time.monotonic,
                  notifier: Notifier | None = None) -> None:
         self.settings = settings
+        # CurveZMQ on both sockets unless the config says insecure = true; a missing key or keyring raises
+        # KeyringError here, before anything is opened or bound, with the command that creates them.
+        self.auth: ControlPlaneAuth | None = None
+        if not settings.insecure:
+            self.server_credentials = server_credentials(Path(settings.keys_dir))
+            self.auth = ControlPlaneAuth(Path(settings.keys_dir),
+                                         lambda endpoint, reason: self.metrics.auth_refused.labels(endpoint, reason).inc())
         # systemd readiness and watchdog (a no-op when not started by a Type=notify unit)
         self.notifier = notifier if notifier is not None else Notifier.from_environment()
         self.clock = clock
@@ -86,30 +96,47 @@ class Controller:
 
     # --- lifecycle ---------------------------------------------------------------------
 
+    def _bind(self, endpoint: str, address: str) -> zmq.Socket:
+        """A ROUTER for ``endpoint`` (agents or admin): CURVE server with ZAP unless insecure."""
+        sock = self.ctx.socket(zmq.ROUTER)
+        secure = self.auth is not None
+        configure_socket(sock, router=True, handover=not (secure and endpoint == AGENTS))
+        if self.auth is not None:
+            apply_server(sock, self.server_credentials, endpoint)
+            self.auth.watch_handshakes(sock, endpoint)
+        sock.bind(address)
+        return sock
+
     async def start(self) -> None:
-        agent_sock = self.ctx.socket(zmq.ROUTER)
-        configure_socket(agent_sock, router=True)
-        agent_sock.bind(self.settings.agent_bind)
+        if self.auth is not None:
+            self.auth.start(self.ctx)
+        else:
+            log.warning("insecure = true: the agent and admin sockets are plaintext and unauthenticated; anyone who "
+                        "can reach %s or %s can register nodes, read workflow inputs and run admin commands",
+                        self.settings.agent_bind, self.settings.admin_bind)
+        agent_sock = self._bind(AGENTS, self.settings.agent_bind)
         self.agent_endpoint = agent_sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        admin_sock = self.ctx.socket(zmq.ROUTER)
-        configure_socket(admin_sock, router=True)
-        admin_sock.bind(self.settings.admin_bind)
+        admin_sock = self._bind(ADMIN, self.settings.admin_bind)
         self.admin_endpoint = admin_sock.getsockopt_string(zmq.LAST_ENDPOINT)
         api = AdminApi(self)
         self.agents = RpcEndpoint(
             agent_sock, router=True, name="controller.agents",
             dispatch=build_dispatch("controller.agents", {Register: self.on_register, Heartbeat: self.on_heartbeat}),
             on_rejected=lambda code: self.metrics.frames_rejected.labels("agents", code).inc(),
-            coalesce_s=self.settings.agent_receive_coalesce_s)
+            coalesce_s=self.settings.agent_receive_coalesce_s,
+            gate=self.auth.gates[AGENTS] if self.auth else None)
         self.admin = RpcEndpoint(
             admin_sock, router=True, name="controller.admin", dispatch=api.dispatch,
-            on_rejected=lambda code: self.metrics.frames_rejected.labels("admin", code).inc())
+            on_rejected=lambda code: self.metrics.frames_rejected.labels("admin", code).inc(),
+            gate=self.auth.gates[ADMIN] if self.auth else None)
         self.metrics_port = (serve_metrics(self.metrics_registry, self.settings.metrics_host, self.settings.metrics_port)
                              if self.settings.metrics_enabled else None)
         self.workloads.load()
         self.profiler.load()
         self._tasks = [asyncio.create_task(self.agents.serve()), asyncio.create_task(self.admin.serve()),
                        asyncio.create_task(self._tick_loop())]
+        if self.auth is not None:
+            self._tasks.append(asyncio.create_task(self.auth.run()))
         if self.notifier.watchdog_interval_s is not None:  # the loop never returns, so it cannot end run_forever
             self._tasks.append(asyncio.create_task(watchdog_loop(self.notifier)))
         self._write_endpoints()
@@ -144,6 +171,8 @@ class Controller:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.profiler.close()
         await self.workloads.close()
+        if self.auth is not None:
+            self.auth.close()
         for endpoint in (self.agents, self.admin):
             if endpoint is not None:
                 endpoint.close()

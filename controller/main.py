@@ -11,6 +11,7 @@ from common.config import ConfigError
 from common.daemon import setup_logging, stop_event_on_signals
 from controller.config import load_controller_config
 from controller.daemon import Controller
+from controller.security.keyring import KeyringError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     async def run() -> None:
         await Controller(settings).run_forever(stop_event_on_signals())
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except KeyringError as exc:  # no keys yet, or a broken keyring: restarting cannot fix it
+        print(f"murakkab-controller: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -5,7 +5,9 @@ session so ``down`` can end a daemon together with anything it started.
 Engines (vLLM servers) run in sessions of their own, so ``down`` then also reaps
 those recorded under each agent's state directory (``agent.components.orphans``):
 an agent that was SIGKILLed, or did not finish stopping them, leaves nothing behind.
-Everything lives in the state directory: configs, pids, logs, databases.
+Everything lives in the state directory: configs, pids, logs, databases, and the CurveZMQ
+keys (``keys/``: the controller's pair, the keyring, one key per agent and an ``admin``
+user key). ``STATE_DIR/env`` holds the ``export`` lines a shell sources to reach it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from rich.console import Console
 
 from agent.components.orphans import LinuxProc, Outcome, reap_components
 from agent.components.ports import os_free_port
+from common.security.curve import KeyFileError, load_client_credentials, read_key_file
 from controller.cli.client import AdminClient, ClientError
+from controller.security.keyring import Keyring, KeyringError, init_keys_dir
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
@@ -49,6 +53,8 @@ def add_cluster_commands(sub: Any) -> None:
                     help="the controller's autopilot preset (murakkab: forecast, MILP with power caps, reactive "
                          "scaling, heat and budget reactions; murakkab-epoch and static: the baselines) or "
                          "first-fit (no autopilot)")
+    up.add_argument("--insecure", action="store_true",
+                    help="plaintext sockets without keys (the daemons log a warning at every start)")
     up.add_argument("--model-dir", type=Path, default=None,
                     help="where agents find models ({model_dir} in catalogs); default STATE_DIR/models")
     up.set_defaults(handler=cluster_up)
@@ -118,6 +124,54 @@ def _wait_for(predicate: Any, timeout_s: float, what: str, pid_to_watch: dict[st
     raise ClientError(f"timed out after {timeout_s:g}s waiting for {what}; see {state_dir / 'logs'}")
 
 
+def local_key(keyring: Keyring, name: str, kind: str, role: str) -> Path:
+    """The secret key file of a live key named ``name`` that an earlier ``up`` issued, or a new one."""
+    path = keyring.keys_dir / "issued" / f"{name}.key_secret"
+    try:
+        public = read_key_file(path, what="key", need_secret=True).public_z85.decode()
+    except KeyFileError:
+        public = ""
+    entry = keyring.lookup(public)
+    if entry is not None and not entry.revoked and entry.name == name and entry.kind == kind and entry.role == role:
+        return path
+    for stale in keyring.named(name):  # a revoked or lost key of the same name stays revoked
+        if not stale.revoked:
+            keyring.revoke(name, stale.public_key)
+    _, secret = keyring.issue(name, kind, role)  # type: ignore[arg-type]
+    if secret != path:  # the rotation name: keep the well-known one for configs
+        secret.replace(path)
+        secret.with_suffix(".key").replace(path.with_suffix(".key"))
+    return path
+
+
+def cluster_keys(state_dir: Path, agent_names: list[str]) -> tuple[Path, dict[str, Path], Path]:
+    """Keys of a local cluster: the controller's public key, one key per agent, an admin user key."""
+    keys_dir = state_dir / "keys"
+    try:
+        init_keys_dir(keys_dir)
+        keyring = Keyring.load(keys_dir)
+        agents = {name: local_key(keyring, name, "node", "node") for name in agent_names}
+        admin = local_key(keyring, "admin", "user", "admin")
+    except (KeyringError, OSError) as exc:
+        raise ClientError(f"cannot prepare the cluster's keys in {keys_dir}: {exc}") from None
+    return keys_dir / "controller.key", agents, admin
+
+
+def write_env(state_dir: Path, admin_address: str, key: Path | None, server_key: Path | None) -> str:
+    """STATE_DIR/env: the export lines that point murakkabctl at this cluster."""
+    lines = [f"export MURAKKAB_CONTROLLER={admin_address}"]
+    if key is not None and server_key is not None:
+        lines += [f"export MURAKKAB_KEY={key}", f"export MURAKKAB_SERVER_KEY={server_key}",
+                  "unset MURAKKAB_INSECURE"]
+    else:
+        lines += ["export MURAKKAB_INSECURE=1", "unset MURAKKAB_KEY MURAKKAB_SERVER_KEY"]
+    text = "\n".join(lines) + "\n"
+    path = state_dir / "env"
+    path.write_text(text)
+    os.chmod(path, 0o600)
+    return text
+
+
 def cluster_up(args: argparse.Namespace, console: Console) -> int:
     state_dir: Path = args.state_dir.resolve()
     running = {n: p for n, p in _pids(state_dir).items() if _alive(p)}
@@ -129,17 +183,6 @@ def cluster_up(args: argparse.Namespace, console: Console) -> int:
     state_dir.mkdir(parents=True, exist_ok=True)
     endpoints_file = state_dir / "controller" / "endpoints.json"
     endpoints_file.unlink(missing_ok=True)
-    controller_cfg = _write_toml(state_dir / "controller.toml", {"controller": {
-        # Fixed ports (not "*") so a restarted controller comes back where its agents look for it.
-        "agent_bind": f"tcp://127.0.0.1:{free_port()}", "admin_bind": f"tcp://127.0.0.1:{free_port()}",
-        "state_dir": str(state_dir / "controller"), "metrics_host": "127.0.0.1", "metrics_port": 0,
-        "heartbeat_interval_s": args.heartbeat_interval, "suspect_after_s": args.suspect_after,
-        "lost_after_s": args.lost_after, "planner": args.planner,
-    }})
-    started = {"controller": spawn(state_dir, "controller",
-                                    [sys.executable, "-m", "controller.main", "--config", str(controller_cfg)])}
-    endpoints = _wait_for(lambda: endpoints_file.exists() and json.loads(endpoints_file.read_text()),
-                          30.0, "the controller to bind", started, state_dir)
     agents: list[tuple[str, dict[str, Any]]] = []
     for i in range(1, args.sim_nodes + 1):
         agents.append((f"sim-node-{i}", {"backend": "sim", "include_cpu": True, "sim": {
@@ -147,20 +190,42 @@ def cluster_up(args: argparse.Namespace, console: Console) -> int:
             "utilization": args.sim_utilization}}))
     if args.cpu_node:
         agents.append(("cpu-node", {"backend": "cpu", "include_cpu": True}))
+    insecure = bool(getattr(args, "insecure", False))
+    server_key: Path | None = None
+    admin_key: Path | None = None
+    agent_keys: dict[str, Path] = {}
+    if not insecure:
+        server_key, agent_keys, admin_key = cluster_keys(state_dir, [name for name, _ in agents])
+    controller_cfg = _write_toml(state_dir / "controller.toml", {"controller": {
+        # Fixed ports (not "*") so a restarted controller comes back where its agents look for it.
+        "agent_bind": f"tcp://127.0.0.1:{free_port()}", "admin_bind": f"tcp://127.0.0.1:{free_port()}",
+        "state_dir": str(state_dir / "controller"), "metrics_host": "127.0.0.1", "metrics_port": 0,
+        "heartbeat_interval_s": args.heartbeat_interval, "suspect_after_s": args.suspect_after,
+        "lost_after_s": args.lost_after, "planner": args.planner,
+        "keys_dir": str(state_dir / "keys"), "insecure": insecure,
+    }})
+    started = {"controller": spawn(state_dir, "controller",
+                                    [sys.executable, "-m", "controller.main", "--config", str(controller_cfg)])}
+    endpoints = _wait_for(lambda: endpoints_file.exists() and json.loads(endpoints_file.read_text()),
+                          30.0, "the controller to bind", started, state_dir)
     model_dir = (args.model_dir or state_dir / "models").resolve()
     for name, devices in agents:
         config = _write_toml(state_dir / "agents" / name / "agent.toml", {
             "agent": {"node_name": name, "controller": endpoints["agents"], "state_dir": str(state_dir / "agents" / name),
                       "heartbeat_interval_s": args.heartbeat_interval, "labels": {"cluster": "local"},
-                      "metrics_host": "127.0.0.1", "metrics_port": 0, "model_dir": str(model_dir)},
+                      "metrics_host": "127.0.0.1", "metrics_port": 0, "model_dir": str(model_dir),
+                      "insecure": insecure,
+                      **({} if insecure else {"key_file": str(agent_keys[name]), "controller_key_file": str(server_key)})},
             "devices": devices})
         started[name] = spawn(state_dir, name, [sys.executable, "-m", "agent.main", "--config", str(config)])
     (state_dir / "controller.addr").write_text(endpoints["admin"] + "\n")
+    env_text = write_env(state_dir, endpoints["admin"], admin_key, server_key)
+    credentials = None if insecure else load_client_credentials(admin_key, server_key)  # type: ignore[arg-type]
     wanted = {name for name, _ in agents}
 
     def all_ready() -> bool:
         try:
-            with AdminClient(endpoints["admin"], timeout_s=2.0) as client:
+            with AdminClient(endpoints["admin"], timeout_s=2.0, credentials=credentials) as client:
                 nodes = client.list_nodes()
         except ClientError:
             return False
@@ -169,7 +234,8 @@ def cluster_up(args: argparse.Namespace, console: Console) -> int:
     _wait_for(all_ready, READY_TIMEOUT_S, f"{len(wanted)} nodes to be ready", started, state_dir)
     console.print(f"local cluster up in {state_dir}: controller and {len(wanted)} agents "
                   f"({', '.join(sorted(wanted))})", highlight=False)
-    print(f"export MURAKKAB_CONTROLLER={endpoints['admin']}")
+    console.print(f"to use it: . {state_dir / 'env'}", highlight=False)
+    print(env_text, end="")
     return 0
 
 
@@ -234,7 +300,7 @@ def cluster_status(args: argparse.Namespace, console: Console) -> int:
         return 1
     for name, pid in pids.items():
         console.print(f"{name:20} pid {pid:7}  {'running' if _alive(pid) else 'exited'}", highlight=False)
-    addr = state_dir / "controller.addr"
-    if addr.exists():
-        print(f"export MURAKKAB_CONTROLLER={addr.read_text().strip()}")
+    env = state_dir / "env"
+    if env.exists():
+        print(env.read_text(), end="")
     return 0 if all(_alive(p) for p in pids.values()) else 1

@@ -16,7 +16,7 @@ from rich.table import Table
 from common.protocol import (
     ClusterStatus, DrainNode, GetNode, GetStatus, LabelNode, NodeView, UndrainNode,
 )
-from controller.cli.client import AdminClient, ClientError
+from controller.cli.client import ClientError, add_key_arguments, client_from_args
 
 DEFAULT_CONTROLLER = "tcp://127.0.0.1:7501"
 GIB = 1 << 30
@@ -120,7 +120,7 @@ def _label_changes(items: list[str]) -> dict[str, str | None]:
 
 
 def run_admin(args: argparse.Namespace, console: Console) -> int:
-    with AdminClient(args.controller, args.timeout) as client:
+    with client_from_args(args) as client:
         if args.command == "nodes":
             nodes = client.list_nodes()
             if args.output == "json":
@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--controller", default=os.environ.get("MURAKKAB_CONTROLLER", DEFAULT_CONTROLLER),
                         help="controller admin address (default: $MURAKKAB_CONTROLLER or %(default)s)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the controller")
+    add_key_arguments(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     from controller.cli.workflows import output_arg as with_output
@@ -188,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sim_commands(sub)
     from controller.cli.profile import add_profile_commands
     add_profile_commands(sub)
+    from controller.cli.keys import add_keys_commands
+    add_keys_commands(sub)
     return parser
 
 

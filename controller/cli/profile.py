@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from common.protocol import GetProfileRun, ListProfiles, PredictorFit, ProfileRunStatus, StartProfile
-from controller.cli.client import AdminClient, ClientError
+from controller.cli.client import AdminClient, ClientError, client_from_args
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 POLL_S = 0.5
@@ -111,7 +111,7 @@ def _status_json(status: ProfileRunStatus) -> dict[str, Any]:
 
 def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     sweep = read_sweep(args.sweep) if args.sweep else {}
-    with AdminClient(args.controller, args.timeout) as client:
+    with client_from_args(args) as client:
         started = client.call(StartProfile(args.executor, args.node, args.device, sweep))
         quiet = args.output == "json" or args.no_progress
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -141,7 +141,7 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_profiles(args: argparse.Namespace, console: Console) -> int:
-    with AdminClient(args.controller, args.timeout) as client:
+    with client_from_args(args) as client:
         listed = client.call(ListProfiles(args.executor or "", args.hardware or "", args.fit, args.limit,
                                           args.run or ""),
                              timeout_s=max(args.timeout, 120.0) if args.fit else None)

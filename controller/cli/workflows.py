@@ -30,7 +30,7 @@ from common.protocol import (
     WorkflowDetail, WorkflowSummary,
 )
 from common.workflow.types import BLOBS, check_value, element_type, parse_type, value_bytes
-from controller.cli.client import AdminClient, ClientError, ControllerUnreachable
+from controller.cli.client import AdminClient, ClientError, ControllerUnreachable, client_from_args
 
 SLO_DIMENSIONS = ("accuracy", "latency")
 SLO_TIERS = ("best", "good", "fair", "basic")
@@ -527,7 +527,7 @@ def print_json(value: Any) -> None:
 
 
 def admin_client(args: argparse.Namespace) -> AdminClient:
-    return AdminClient(args.controller, args.timeout)
+    return client_from_args(args)
 
 
 def _validate_file(path: str, kind: str) -> str:

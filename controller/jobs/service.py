@@ -631,9 +631,14 @@ class WorkloadService(CatalogAdmin):
 
     # --- admin: jobs -----------------------------------------------------------------------
 
-    async def submit(self, msg: SubmitJob) -> Any:
-        if msg.idempotency_key:
-            existing = self.store.job_for_key(msg.idempotency_key)
+    async def submit(self, msg: SubmitJob, owner: str = "") -> Any:
+        """Accept a job for ``owner`` (the submitting user key; '' without authentication).
+
+        Idempotency keys are scoped to their owner, so one tenant's key never returns another's job.
+        """
+        idempotency_key = f"{owner}\x00{msg.idempotency_key}" if owner and msg.idempotency_key else msg.idempotency_key
+        if idempotency_key:
+            existing = self.store.job_for_key(idempotency_key)
             if existing is not None:
                 job = self.store.get_job(existing)
                 assert job is not None
@@ -671,8 +676,8 @@ class WorkloadService(CatalogAdmin):
         choices = self.plan.choices[demand]
         job = StoredJob(f"j-{uuid.uuid4().hex[:12]}", msg.workflow, stored.version, spec.to_dict(), dict(msg.slo),
                         {stage: {"executor": c.executor, "knobs": dict(c.knobs)} for stage, c in choices.items()},
-                        dict(msg.inputs), "queued", "", None, time.time(), None, None)
-        self.store.insert_job(job, msg.idempotency_key)
+                        dict(msg.inputs), "queued", "", None, time.time(), None, None, owner)
+        self.store.insert_job(job, idempotency_key)
         self._job_demands[job.job_id] = demand
         self._job_executors[job.job_id] = frozenset(c.executor for c in choices.values())
         self.c.metrics.jobs.labels("accepted").inc()
@@ -708,10 +713,12 @@ class WorkloadService(CatalogAdmin):
                 return ErrorReply("invalid_input", problem)
         return None
 
-    def cancel(self, job_id: str, reason: str) -> Any:
+    def cancel(self, job_id: str, reason: str, owner: str | None = None) -> Any:
         job = self.store.get_job(job_id)
         if job is None:
             return ErrorReply("unknown_job", f"no job {job_id!r}")
+        if owner is not None and job.owner != owner:
+            return _not_yours(job_id)
         if job.state in ("queued", "running"):
             if job_id in self.executor.job_ids():
                 self.perform(self.executor.handle(jx.CancelRequested(job_id, reason, self.c.clock())))
@@ -719,10 +726,13 @@ class WorkloadService(CatalogAdmin):
                 self._finish_job(job_id, "cancelled", reason, None)
         return JobDetail(self.job_view(job_id))
 
-    async def get_job(self, job_id: str, wait_s: float, include_outputs: bool) -> Any:
+    async def get_job(self, job_id: str, wait_s: float, include_outputs: bool, owner: str | None = None) -> Any:
+        """``owner`` set: only that user's jobs (a submitter's view); None: every job."""
         job = self.store.get_job(job_id)
         if job is None:
             return ErrorReply("unknown_job", f"no job {job_id!r}")
+        if owner is not None and job.owner != owner:
+            return _not_yours(job_id)
         if wait_s > 0 and job.state in ("queued", "running"):
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.setdefault(job_id, []).append(waiter)
@@ -744,11 +754,11 @@ class WorkloadService(CatalogAdmin):
                        job.submitted_at_unix_s, job.started_at_unix_s, job.ended_at_unix_s,
                        (job.outputs or {}) if include_outputs else {}, invocations)
 
-    def list_jobs(self, limit: int, state: str, workflow: str) -> Any:
+    def list_jobs(self, limit: int, state: str, workflow: str, owner: str | None = None) -> Any:
         if not 1 <= limit <= 1000:
             return ErrorReply("invalid_argument", f"limit must be 1-1000, got {limit}")
         summaries = []
-        for job, energy_j in self.store.list_jobs(limit, state, workflow):
+        for job, energy_j in self.store.list_jobs(limit, state, workflow, owner):
             latency = (job.ended_at_unix_s - job.submitted_at_unix_s) if job.ended_at_unix_s else None
             summaries.append(JobSummary(job.job_id, job.workflow, job.state, job.reason, job.slo,
                                         job.submitted_at_unix_s, job.ended_at_unix_s, latency, energy_j))
@@ -788,3 +798,8 @@ def first_fit_explanation(plan: Plan, elapsed_s: float) -> dict[str, Any]:
                         "devices": list(p.device_indexes)} for p in plan.components],
         "notes": list(plan.notes),
     }
+
+
+def _not_yours(job_id: str) -> ErrorReply:
+    return ErrorReply("forbidden", f"job {job_id} was submitted by another user; role submitter sees only its own "
+                                   "jobs (operator, admin and viewer see all)")

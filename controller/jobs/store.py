@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     choices_json TEXT NOT NULL, inputs BLOB NOT NULL,
     state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
     reason TEXT NOT NULL DEFAULT '', outputs BLOB, submitted_at_unix_s REAL NOT NULL,
-    started_at_unix_s REAL, ended_at_unix_s REAL);
+    started_at_unix_s REAL, ended_at_unix_s REAL, owner TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
 CREATE INDEX IF NOT EXISTS jobs_by_submitted ON jobs (submitted_at_unix_s);
 CREATE TABLE IF NOT EXISTS stage_outputs (
@@ -81,6 +81,7 @@ class StoredJob:
     submitted_at_unix_s: float
     started_at_unix_s: float | None
     ended_at_unix_s: float | None
+    owner: str = ""  # the user key that submitted it ('' without authentication)
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ class InvocationRow:
 
 
 _JOB_COLUMNS = ("job_id, workflow, workflow_version, spec_json, slo_json, choices_json, inputs, state, reason, outputs,"
-                " submitted_at_unix_s, started_at_unix_s, ended_at_unix_s")
+                " submitted_at_unix_s, started_at_unix_s, ended_at_unix_s, owner")
 _INVOCATION_COLUMNS = ("invocation_id, job_id, stage, item, attempt, executor, knobs_json, node, component_id,"
                        " devices_json, state, error, started_at_unix_s, ended_at_unix_s, latency_s, energy_j, simulated")
 
@@ -116,6 +117,9 @@ class WorkloadStore:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
         self.db.executescript(SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
+        if "owner" not in columns:  # a database from before job owners: its jobs belong to no one
+            self.db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
 
     def fail_running_invocations(self, reason: str) -> int:
         """After a restart nothing is running any more: close the rows that say otherwise."""
@@ -188,11 +192,11 @@ class WorkloadStore:
 
     def insert_job(self, job: StoredJob, idempotency_key: str) -> None:
         self.db.execute(
-            f"INSERT INTO jobs ({_JOB_COLUMNS}, idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO jobs ({_JOB_COLUMNS}, idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (job.job_id, job.workflow, job.workflow_version, json.dumps(job.spec, sort_keys=True), json.dumps(job.slo),
              json.dumps(job.choices, sort_keys=True), pack(job.inputs), job.state, job.reason,
              None if job.outputs is None else pack(job.outputs), job.submitted_at_unix_s, job.started_at_unix_s,
-             job.ended_at_unix_s, idempotency_key or None))
+             job.ended_at_unix_s, job.owner, idempotency_key or None))
 
     def mark_started(self, job_id: str, now_unix_s: float) -> None:
         self.db.execute("UPDATE jobs SET state = 'running', started_at_unix_s = COALESCE(started_at_unix_s, ?)"
@@ -215,9 +219,13 @@ class WorkloadStore:
                                " ORDER BY submitted_at_unix_s").fetchall()
         return [_job(r) for r in rows]
 
-    def list_jobs(self, limit: int, state: str = "", workflow: str = "") -> list[tuple[StoredJob, float | None]]:
+    def list_jobs(self, limit: int, state: str = "", workflow: str = "",
+                  owner: str | None = None) -> list[tuple[StoredJob, float | None]]:
         """Newest first, with the total energy of each job's invocations (None when none was measured)."""
         where, args = [], []
+        if owner is not None:
+            where.append("j.owner = ?")
+            args.append(owner)
         if state:
             where.append("j.state = ?")
             args.append(state)
@@ -260,4 +268,4 @@ class WorkloadStore:
 
 def _job(row: tuple[Any, ...]) -> StoredJob:
     return StoredJob(row[0], row[1], row[2], json.loads(row[3]), json.loads(row[4]), json.loads(row[5]),
-                     unpack(row[6]), row[7], row[8], unpack(row[9]), row[10], row[11], row[12])
+                     unpack(row[6]), row[7], row[8], unpack(row[9]), row[10], row[11], row[12], row[13])

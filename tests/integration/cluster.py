@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from agent.daemon import Agent
 from agent.devices.sim import open_sim_devices
 from controller.config import ControllerSettings
 from controller.daemon import Controller
+from tests.keys import ClusterKeys, make_keys
 
 FAST = dict(heartbeat_interval_s=0.1, suspect_after_s=0.6, lost_after_s=1.5, tick_interval_s=0.05)
 
@@ -27,6 +29,7 @@ class InProcessCluster:
     agents: dict[str, Agent]
     stops: dict[str, asyncio.Event] = field(default_factory=dict)
     tasks: dict[str, asyncio.Task] = field(default_factory=dict)
+    keys: ClusterKeys | None = None  # None when the controller runs with insecure = true
 
     @property
     def admin_address(self) -> str:
@@ -50,6 +53,15 @@ class InProcessCluster:
         await asyncio.wait_for(self.tasks[name], 5)
 
 
+def agent_key_settings(keys: ClusterKeys | None, name: str) -> dict[str, Any]:
+    """AgentSettings fields for node ``name``: its key files, or insecure without keys."""
+    if keys is None:
+        return {"insecure": True}
+    if name not in keys.nodes:
+        keys.add_node(name)
+    return {"key_file": keys.nodes[name], "controller_key_file": keys.server_public}
+
+
 async def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -62,21 +74,35 @@ async def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, wha
 async def in_process_cluster(tmp_path: Path, nodes: int = 2, gpus: int = 2, model: str = "h100",
                              utilization: float = 1.0,
                              controller_settings: dict[str, Any] | None = None) -> AsyncIterator[InProcessCluster]:
-    """``controller_settings`` overrides fields of the controller's settings (e.g. invocation timeouts)."""
+    """``controller_settings`` overrides fields of the controller's settings (e.g. invocation timeouts).
+
+    The sockets use CURVE with keys made for the test (an ``admin`` user key, one node key per
+    agent) unless ``controller_settings`` says ``insecure=True``; while the cluster runs,
+    ``MURAKKAB_KEY`` and ``MURAKKAB_SERVER_KEY`` name the admin key, so murakkabctl's ``main``
+    and ``AdminClient`` reach it as an operator's shell would.
+    """
+    names = [f"node-{i}" for i in range(nodes)]
+    insecure = bool((controller_settings or {}).get("insecure", False))
+    keys = None if insecure else make_keys(tmp_path / "keys", names, {"admin": "admin"})
     settings = ControllerSettings(**{**dict(agent_bind="tcp://127.0.0.1:*", admin_bind="tcp://127.0.0.1:*",
-                                            state_dir=tmp_path / "controller", metrics_port=0, **FAST),
+                                            state_dir=tmp_path / "controller", metrics_port=0,
+                                            keys_dir=tmp_path / "keys", **FAST),
                                      **(controller_settings or {})})
+    saved_env = {name: os.environ.get(name) for name in ("MURAKKAB_KEY", "MURAKKAB_SERVER_KEY", "MURAKKAB_INSECURE")}
+    os.environ.update(keys.env() if keys else {"MURAKKAB_INSECURE": "1"})
+    for name in ("MURAKKAB_KEY", "MURAKKAB_SERVER_KEY") if insecure else ("MURAKKAB_INSECURE",):
+        os.environ.pop(name, None)
     controller = Controller(settings)
     await controller.start()
     ctx = zmq.Context()
-    cluster = InProcessCluster(controller, {})
+    cluster = InProcessCluster(controller, {}, keys=keys)
     try:
-        for i in range(nodes):
-            name = f"node-{i}"
+        for i, name in enumerate(names):
             agent_settings = AgentSettings(
                 node_name=name, controller=controller.agent_endpoint, state_dir=tmp_path / name,
                 heartbeat_interval_s=FAST["heartbeat_interval_s"], sample_interval_s=0.05, request_timeout_s=0.5,
-                reconnect_base_s=0.05, reconnect_cap_s=0.5, metrics_enabled=(i == 0), metrics_port=0)
+                reconnect_base_s=0.05, reconnect_cap_s=0.5, metrics_enabled=(i == 0), metrics_port=0,
+                **agent_key_settings(keys, name))
             devices = open_sim_devices(node_name=name, model=model, count=gpus, seed=i, utilization=utilization,
                                        ambient_c=25.0, start_s=time.monotonic())
             agent = Agent(agent_settings, devices, ctx=ctx)
@@ -93,3 +119,8 @@ async def in_process_cluster(tmp_path: Path, nodes: int = 2, gpus: int = 2, mode
         await asyncio.gather(*cluster.tasks.values(), return_exceptions=True)
         await cluster.controller.close()
         ctx.destroy(linger=0)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -28,7 +28,7 @@ from common.protocol import (
 from common.transport import RemoteError
 from controller.cli.client import AdminClient, ClientError
 from controller.cli.main import main
-from tests.integration.cluster import FAST, InProcessCluster, in_process_cluster, wait_until
+from tests.integration.cluster import FAST, InProcessCluster, agent_key_settings, in_process_cluster, wait_until
 
 REAL_GPU_MODEL = "NVIDIA H100 80GB HBM3"
 
@@ -86,7 +86,8 @@ async def real_hardware_agent(cluster: InProcessCluster, tmp_path: Path) -> Asyn
     settings = AgentSettings(
         node_name="real-0", controller=cluster.controller.agent_endpoint, state_dir=tmp_path / "real-0",
         heartbeat_interval_s=FAST["heartbeat_interval_s"], sample_interval_s=0.05, request_timeout_s=0.5,
-        reconnect_base_s=0.05, reconnect_cap_s=0.5, metrics_enabled=False)
+        reconnect_base_s=0.05, reconnect_cap_s=0.5, metrics_enabled=False,
+        **agent_key_settings(cluster.keys, "real-0"))
     cpu = CpuDevice(1, tdp_w=100.0, idle_w=10.0, start_s=time.monotonic(), utilization_reader=lambda: 5.0,
                     node_name="real-0")
     ctx = zmq.Context()

@@ -20,7 +20,10 @@ from hypothesis import strategies as st
 from common.protocol import (
     MAX_FRAME_BYTES, ErrorReply, GetStatus, HeartbeatAck, ListNodes, SetPowerLimit, decode, encode,
 )
+from common.security.curve import ClientCredentials, apply_server
+from controller.security.keyring import server_credentials
 from common.transport import RpcEndpoint
+from tests.keys import curve_dealer, make_keys
 from tests.integration.cluster import in_process_cluster, wait_until
 
 GARBAGE = [
@@ -38,13 +41,11 @@ GARBAGE = [
 ]
 
 
-async def send_raw(endpoint: str, frames: list[bytes | list[bytes]], identity: bytes) -> list:
+async def send_raw(endpoint: str, frames: list[bytes | list[bytes]], identity: bytes,
+                   credentials: ClientCredentials | None = None) -> list:
     """Send frames from a raw DEALER and collect whatever comes back within a short wait."""
     ctx = zmq.asyncio.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.IDENTITY, identity)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
+    sock = curve_dealer(ctx, endpoint, identity, credentials)
     for frame in frames:
         if isinstance(frame, list):
             await sock.send_multipart(frame)
@@ -73,8 +74,15 @@ def test_garbage_on_both_controller_sockets_is_counted_answered_and_survived(tmp
             c = cluster.controller
             oversized = msgpack.packb({"v": 1, "op": "get_node", "id": 1, "body": {"name": "x" * MAX_FRAME_BYTES}})
             frames = [*GARBAGE, [b"two", b"frames"], oversized]
-            for endpoint, label in ((c.agent_endpoint, "agents"), (c.admin_endpoint, "admin")):
-                replies = await send_raw(endpoint, frames, b"fuzzer-" + label.encode())
+            keys = cluster.keys
+            assert keys is not None and c.auth is not None
+            # Authenticated peers, each within its rights: hostile frames must still be answered, not obeyed.
+            keys.add_node("fuzzer-agents")
+            keys.add_user("fuzzer-admin", "admin")
+            assert c.auth.reload_if_changed()
+            for endpoint, label, creds in ((c.agent_endpoint, "agents", keys.node("fuzzer-agents")),
+                                           (c.admin_endpoint, "admin", keys.user("fuzzer-admin"))):
+                replies = await send_raw(endpoint, frames, b"fuzzer-" + label.encode(), creds)
                 codes = sorted(r.code for r in replies if isinstance(r, ErrorReply))
                 # Frames whose id could be read get an explicit error back; the rest are dropped and counted.
                 assert "unknown_op" in codes and "unsupported_version" in codes and "invalid_message" in codes
@@ -103,8 +111,12 @@ def test_property_random_multipart_frames_never_stop_the_controller(tmp_path_fac
     async def scenario() -> None:
         async with in_process_cluster(tmp_path, nodes=1, gpus=1) as cluster:
             c = cluster.controller
-            for endpoint in (c.agent_endpoint, c.admin_endpoint):
-                await send_raw(endpoint, [b if len(b) > 1 else b[0] for b in batches], b"prop-fuzzer")
+            keys = cluster.keys
+            assert keys is not None and c.auth is not None
+            keys.add_node("prop-fuzzer")
+            assert c.auth.reload_if_changed()
+            for endpoint, creds in ((c.agent_endpoint, keys.node("prop-fuzzer")), (c.admin_endpoint, keys.user("admin"))):
+                await send_raw(endpoint, [b if len(b) > 1 else b[0] for b in batches], b"prop-fuzzer", creds)
             reply = await asyncio.to_thread(_list_nodes, c.admin_endpoint)
             assert [n.name for n in reply.nodes] == ["node-0"]
 
@@ -125,13 +137,17 @@ def test_agent_survives_a_hostile_controller(tmp_path: Path) -> None:
     from agent.devices.sim import open_sim_devices
 
     async def scenario() -> None:
+        # The hostile controller holds the controller key the agent trusts: an authenticated peer.
+        keys = make_keys(tmp_path / "keys", ["victim"], {})
         ctx = zmq.asyncio.Context()
         router = ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
+        apply_server(router, server_credentials(keys.keys_dir), "agents")
         port = router.bind_to_random_port("tcp://127.0.0.1")
         settings_ = AgentSettings(node_name="victim", controller=f"tcp://127.0.0.1:{port}", state_dir=tmp_path,
                                   heartbeat_interval_s=0.1, request_timeout_s=0.3, reconnect_base_s=0.05,
-                                  reconnect_cap_s=0.3, metrics_enabled=False)
+                                  reconnect_cap_s=0.3, metrics_enabled=False, key_file=keys.nodes["victim"],
+                                  controller_key_file=keys.server_public)
         devices = open_sim_devices(node_name="victim", model="l4", count=1, seed=0, utilization=0.5, ambient_c=25.0,
                                    start_s=time.monotonic())
         agent_ctx = zmq.Context()

@@ -19,6 +19,7 @@ from common.protocol import (
 )
 from common.transport import RemoteError
 from controller.cli.client import AdminClient, ClientError
+from tests.keys import curve_dealer
 from tests.integration.cluster import in_process_cluster, wait_until
 
 TELEMETRY_FIELDS = ("power_w", "energy_j", "temperature_c", "memory_used_bytes", "memory_total_bytes",
@@ -139,9 +140,10 @@ def test_heartbeat_from_unknown_node_gets_reregister_reply(tmp_path: Path) -> No
     async def scenario() -> None:
         async with in_process_cluster(tmp_path, nodes=1, gpus=1) as cluster:
             ctx = zmq.asyncio.Context()
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.IDENTITY, b"stranger")
-            sock.connect(cluster.controller.agent_endpoint)
+            assert cluster.keys is not None
+            cluster.keys.add_node("stranger")  # enrolled, but never registered
+            assert cluster.controller.auth is not None and cluster.controller.auth.reload_if_changed()
+            sock = curve_dealer(ctx, cluster.controller.agent_endpoint, b"stranger", cluster.keys.node("stranger"))
             beat = Heartbeat(node_name="stranger", generation=1, seq=1, sent_at_unix_s=time.time(), devices=(),
                              host=HostTelemetry(cpu_utilization_pct=0.0, memory_used_bytes=0, memory_total_bytes=1,
                                                 load_avg_1m=0.0))
@@ -174,7 +176,7 @@ def test_metrics_use_dcgm_names_with_node_and_gpu_labels(tmp_path: Path) -> None
 
 def test_unreachable_controller_is_a_one_line_error_within_the_timeout() -> None:
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "controller.cli.main", "--controller", "tcp://127.0.0.1:9",
+    proc = subprocess.run([sys.executable, "-m", "controller.cli.main", "--controller", "tcp://127.0.0.1:9", "--insecure",
                            "--timeout", "1", "nodes"], capture_output=True, text=True, timeout=30)
     elapsed = time.monotonic() - started
     assert proc.returncode == 1

@@ -339,7 +339,7 @@ def test_agent_reaps_orphans_before_it_registers(tmp_path: Path) -> None:
     try:
         orphans.write_record(tmp_path / "components" / "chat-1", child.pid)
         settings = AgentSettings(node_name="n1", controller="tcp://127.0.0.1:9", state_dir=tmp_path,
-                                 metrics_enabled=False)
+                                 metrics_enabled=False, insecure=True)
         agent = Agent(settings, [])
 
         async def scenario() -> None:

@@ -1,0 +1,1 @@
+"""CurveZMQ key files and socket setup shared by the controller, the agents and murakkabctl."""
