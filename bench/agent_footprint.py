@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.protocol import GetNode  # noqa: E402
+from common.security.curve import load_client_credentials  # noqa: E402
 from controller.cli.client import AdminClient, ClientError  # noqa: E402
+from controller.security.keyring import Keyring, init_keys_dir  # noqa: E402
 
 
 def main() -> None:
@@ -33,9 +35,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "agent_footprint.json")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="murakkab-footprint-"))
+    keys_dir = work / "keys"  # CurveZMQ, as deployed
+    init_keys_dir(keys_dir)
+    keyring = Keyring.load(keys_dir)
+    _, agent_key = keyring.issue("footprint", "node", "node")
+    _, admin_key = keyring.issue("bench-admin", "user", "admin")
     (work / "controller.toml").write_text(
         "[controller]\nagent_bind = \"tcp://127.0.0.1:*\"\nadmin_bind = \"tcp://127.0.0.1:*\"\n"
-        f"state_dir = \"{work / 'controller'}\"\nmetrics_enabled = false\nlog_level = \"WARNING\"\n")
+        f"state_dir = \"{work / 'controller'}\"\nkeys_dir = \"{keys_dir}\"\n"
+        "metrics_enabled = false\nlog_level = \"WARNING\"\n")
     controller = subprocess.Popen([sys.executable, "-m", "controller.main", "--config", str(work / "controller.toml")],
                                   cwd=ROOT, stdout=open(work / "controller.log", "wb"), stderr=subprocess.STDOUT)
     agent = None
@@ -51,11 +59,13 @@ def main() -> None:
             f"[agent]\nnode_name = \"footprint\"\ncontroller = \"{endpoints['agents']}\"\n"
             f"state_dir = \"{work / 'agent'}\"\nheartbeat_interval_s = 1.0\nsample_interval_s = {1 / args.sample_hz}\n"
             "metrics_enabled = true\nmetrics_port = 0\nlog_level = \"WARNING\"\n"
+            f"key_file = \"{agent_key}\"\ncontroller_key_file = \"{keys_dir / 'controller.key'}\"\n"
             f"[devices]\nbackend = \"sim\"\ninclude_cpu = true\n"
             f"[devices.sim]\nmodel = \"h100\"\ncount = {args.gpus}\nseed = 1\nutilization = 0.7\n")
         agent = subprocess.Popen([sys.executable, "-m", "agent.main", "--config", str(work / "agent.toml")],
                                  cwd=ROOT, stdout=open(work / "agent.log", "wb"), stderr=subprocess.STDOUT)
-        with AdminClient(endpoints["admin"], timeout_s=5) as client:
+        admin = load_client_credentials(admin_key, keys_dir / "controller.key")
+        with AdminClient(endpoints["admin"], timeout_s=5, credentials=admin) as client:
             deadline = time.monotonic() + 30
             while True:
                 try:

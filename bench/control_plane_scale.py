@@ -7,7 +7,11 @@ round trip each agent measures from send to acknowledgement (an upper bound on
 the controller's handling time, which is also read from its Prometheus
 histogram).
 
-    .venv/bin/python bench/control_plane_scale.py --agents 1000 --seconds 60
+Both controller sockets use CurveZMQ, each agent with a key of its own, unless
+``--security insecure`` (``insecure = true``); ``--security both`` measures the two one
+after the other in one run and reports them side by side.
+
+    .venv/bin/python bench/control_plane_scale.py --agents 1000 --seconds 60 --security both
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.protocol import GetStatus  # noqa: E402
+from common.security.curve import ClientCredentials, load_client_credentials  # noqa: E402
 from controller.cli.client import AdminClient, ClientError  # noqa: E402
+from controller.security.keyring import Keyring, init_keys_dir  # noqa: E402
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -58,10 +64,13 @@ async def run_worker(args: argparse.Namespace) -> None:
     agents = []
     for i in range(args.offset, args.offset + args.count):
         name = f"bench-{i:04d}"
+        keys = ({"insecure": True} if not args.keys_dir else
+                {"key_file": Path(args.keys_dir) / "issued" / f"{name}.key_secret",
+                 "controller_key_file": Path(args.keys_dir) / "controller.key"})
         settings = AgentSettings(node_name=name, controller=args.controller, state_dir=Path(args.state_dir),
                                  heartbeat_interval_s=1.0, sample_interval_s=1.0, request_timeout_s=5.0,
                                  missed_acks_before_reregister=5, reconnect_cap_s=5.0,
-                                 metrics_enabled=False)
+                                 metrics_enabled=False, **keys)
         devices = open_sim_devices(node_name=name, model="h100", count=args.gpus, seed=i, utilization=0.5,
                                    ambient_c=25.0, start_s=time.monotonic())
         agent = Agent(settings, devices, ctx=ctx, generation=1, host_sampler=host, rng=random.Random(i))
@@ -94,6 +103,7 @@ def run_lean_worker(args: argparse.Namespace) -> None:
     from agent.devices.sim import open_sim_devices
     from agent.host import HostSampler, host_info
     from common.protocol import Heartbeat, HeartbeatAck, Register, decode, encode
+    from common.security.curve import apply_client, load_client_credentials
     from common.transport import configure_socket
 
     ctx = zmq.Context()
@@ -105,6 +115,9 @@ def run_lean_worker(args: argparse.Namespace) -> None:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, name.encode())
         configure_socket(sock, router=False)
+        if args.keys_dir:
+            apply_client(sock, load_client_credentials(Path(args.keys_dir) / "issued" / f"{name}.key_secret",
+                                                       Path(args.keys_dir) / "controller.key"))
         sock.connect(args.controller)
         names.append(name)
         socks.append(sock)
@@ -189,12 +202,26 @@ def histogram_quantiles(metrics_url: str) -> dict[str, float]:
     return result
 
 
-def drive(args: argparse.Namespace) -> dict:
+def make_bench_keys(keys_dir: Path, agents: int) -> ClientCredentials:
+    """The controller's pair, one node key per simulated agent and an admin key; the keyring written once."""
+    init_keys_dir(keys_dir)
+    keyring = Keyring.load(keys_dir)
+    for i in range(agents):
+        keyring.issue(f"bench-{i:04d}", "node", "node", save=False)
+    _, admin = keyring.issue("bench-admin", "user", "admin", save=False)
+    keyring.save()
+    return load_client_credentials(admin, keys_dir / "controller.key")
+
+
+def drive(args: argparse.Namespace, secure: bool) -> dict:
     work = Path(tempfile.mkdtemp(prefix="murakkab-bench-"))
+    keys_dir = work / "keys"
+    admin = make_bench_keys(keys_dir, args.agents) if secure else None
     (work / "controller.toml").write_text(
         "[controller]\nagent_bind = \"tcp://127.0.0.1:*\"\nadmin_bind = \"tcp://127.0.0.1:*\"\n"
         f"state_dir = \"{work / 'controller'}\"\nmetrics_port = 0\nsuspect_after_s = 5.0\nlost_after_s = 30.0\n"
         f"agent_receive_coalesce_s = {args.coalesce_s}\n"
+        f"keys_dir = \"{keys_dir}\"\ninsecure = {'false' if secure else 'true'}\n"
         "log_level = \"WARNING\"\n")
     controller = subprocess.Popen([sys.executable, "-m", "controller.main", "--config", str(work / "controller.toml")],
                                   cwd=ROOT, stdout=open(work / "controller.log", "wb"), stderr=subprocess.STDOUT)
@@ -221,11 +248,12 @@ def drive(args: argparse.Namespace) -> dict:
                 [sys.executable, __file__, "--worker", "--agent-impl", args.agent_impl,
                  "--controller", endpoints["agents"], "--offset", str(offset),
                  "--count", str(count), "--gpus", str(args.gpus), "--state-dir", str(work / "agents"),
-                 "--stop-file", str(stop_file), "--out", str(work / f"worker-{w}.json")],
+                 "--stop-file", str(stop_file), "--out", str(work / f"worker-{w}.json"),
+                 "--keys-dir", str(keys_dir) if secure else ""],
                 cwd=ROOT, stdout=open(work / f"worker-{w}.log", "wb"), stderr=subprocess.STDOUT))
             if args.pin and len(cpus) >= 2:
                 os.sched_setaffinity(workers[-1].pid, set(cpus[1:]))
-        with AdminClient(endpoints["admin"], timeout_s=10) as client:
+        with AdminClient(endpoints["admin"], timeout_s=10, credentials=admin) as client:
             deadline = time.monotonic() + 180
             while True:
                 try:
@@ -258,6 +286,7 @@ def drive(args: argparse.Namespace) -> dict:
             rtts += [rtt for at, rtt in json.loads((work / f"worker-{w}.json").read_text()) if t0 <= at <= t1]
         cpu_s = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
         return {
+            "security": "curve" if secure else "insecure",
             "agents": args.agents, "gpus_per_agent": args.gpus, "window_s": round(t1 - t0, 1),
             "controller_cpu_share_of_one_core": round(cpu_s / (t1 - t0), 4),
             "controller_rss_mb": round(rss_bytes / 1e6, 1),
@@ -298,7 +327,11 @@ def main() -> None:
     parser.add_argument("--coalesce-s", type=float, default=0.005, help="controller agent_receive_coalesce_s")
     parser.add_argument("--no-pin", dest="pin", action="store_false",
                         help="do not give the controller a CPU of its own (agents on the others)")
+    parser.add_argument("--security", choices=("curve", "insecure", "both"), default="curve",
+                        help="CurveZMQ with a key per agent (the default deployment), insecure = true, or both "
+                             "one after the other, reported side by side")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--keys-dir", default="", help=argparse.SUPPRESS)
     parser.add_argument("--controller", help=argparse.SUPPRESS)
     parser.add_argument("--offset", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
@@ -311,9 +344,22 @@ def main() -> None:
         else:
             asyncio.run(run_worker(args))
         return
-    result = drive(args)
-    result["targets"] = {"controller_cpu_share_of_one_core": "<= 0.30", "rtt_p99_ms": "<= 50"}
-    out = args.out or ROOT / "bench" / "results" / f"control_plane_scale-{args.agent_impl}-coalesce{args.coalesce_s:g}.json"
+    modes = {"curve": [True], "insecure": [False], "both": [False, True]}[args.security]
+    runs = [drive(args, secure) for secure in modes]
+    targets = {"controller_cpu_share_of_one_core": "<= 0.30", "rtt_p99_ms": "<= 50"}
+    if len(runs) == 1:
+        result = {**runs[0], "targets": targets}
+    else:
+        plain, curve = runs
+        result = {"runs": runs, "targets": targets, "targets_apply_to": "curve", "curve_cost": {
+            "controller_cpu_share_of_one_core": round(curve["controller_cpu_share_of_one_core"]
+                                                      - plain["controller_cpu_share_of_one_core"], 4),
+            "rtt_p50_ms": round(curve["rtt_p50_ms"] - plain["rtt_p50_ms"], 2),
+            "rtt_p99_ms": round(curve["rtt_p99_ms"] - plain["rtt_p99_ms"], 2),
+            "controller_rss_mb": round(curve["controller_rss_mb"] - plain["controller_rss_mb"], 1)}}
+    suffix = "" if args.security == "curve" else f"-{args.security}"
+    out = args.out or ROOT / "bench" / "results" / (
+        f"control_plane_scale-{args.agent_impl}-coalesce{args.coalesce_s:g}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

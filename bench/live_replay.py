@@ -47,6 +47,7 @@ from common.protocol import (  # noqa: E402
     SetPowerBudget, SubmitJob,
 )
 from controller.cli.client import AdminClient, ClientError  # noqa: E402
+from controller.cli.cluster import use_cluster_env  # noqa: E402
 from controller.cli.cluster import spawn  # noqa: E402
 from controller.simulator.run import run_simulation  # noqa: E402
 from controller.simulator.scenario import load_scenario, parse_scenario  # noqa: E402
@@ -261,6 +262,7 @@ def main() -> int:
     subprocess.run([*CTL, "cluster", "up", "--state-dir", str(args.state_dir), "--sim-nodes", str(group.count),
                     "--gpus-per-node", str(group.devices_per_node), "--gpu-model", group.hardware,
                     "--sim-utilization", "0"], cwd=REPO, check=True)
+    use_cluster_env(args.state_dir)  # its admin key, for murakkabctl and AdminClient
     client = Client((args.state_dir / "controller.addr").read_text().strip())
     stop = threading.Event()
     sampler = Sampler(client, stop)

@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 from agent.components.engines.vllm import chat_messages  # noqa: E402
 from common.protocol import GetJob, ListComponents, SubmitJob  # noqa: E402
 from controller.cli.client import AdminClient  # noqa: E402
+from controller.cli.cluster import use_cluster_env  # noqa: E402
 
 CTL = [sys.executable, "-m", "controller.cli.main"]
 
@@ -82,6 +83,7 @@ def main() -> int:
     shutil.rmtree(args.state_dir, ignore_errors=True)  # a fresh controller database every run
     subprocess.run([*CTL, "cluster", "up", "--state-dir", str(args.state_dir), "--sim-nodes", "0", "--cpu-node",
                     "--model-dir", str(args.model_dir.resolve())], cwd=REPO, check=True)
+    use_cluster_env(args.state_dir)  # its admin key, for murakkabctl and AdminClient
     address = (args.state_dir / "controller.addr").read_text().strip()
     try:
         for kind, path in (("catalog", "examples/catalog/cpu.yaml"), ("workflow", "examples/workflows/chat.yaml")):

@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 from agent.tools.testdata import file_blob, make_test_video  # noqa: E402
 from common.protocol import GetJob, SubmitJob  # noqa: E402
 from controller.cli.client import AdminClient  # noqa: E402
+from controller.cli.cluster import use_cluster_env  # noqa: E402
 
 CTL = [sys.executable, "-m", "controller.cli.main"]
 
@@ -57,6 +58,7 @@ def main() -> int:
     shutil.rmtree(args.state_dir, ignore_errors=True)  # a fresh controller database every run
     subprocess.run([*CTL, "cluster", "up", "--state-dir", str(args.state_dir), "--sim-nodes", str(args.sim_nodes),
                     "--gpus-per-node", "4", "--sim-utilization", "0"], cwd=REPO, check=True)
+    use_cluster_env(args.state_dir)  # its admin key, for murakkabctl and AdminClient
     address = (args.state_dir / "controller.addr").read_text().strip()
     controller_pid = int((args.state_dir / "pids" / "controller.pid").read_text().split()[0])
     video = file_blob(make_test_video(args.state_dir / "bench.avi",

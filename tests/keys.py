@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import shlex
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,13 +52,9 @@ def make_keys(keys_dir: Path, nodes: list[str] = (), users: dict[str, str] | Non
 
 def env_file(state_dir: Path) -> dict[str, str]:
     """The variables STATE_DIR/env exports (``murakkabctl cluster up`` writes it)."""
-    variables = {}
-    for line in (state_dir / "env").read_text().splitlines():
-        words = shlex.split(line)
-        if words[:1] == ["export"] and "=" in words[1]:
-            name, _, value = words[1].partition("=")
-            variables[name] = value
-    return variables
+    from controller.cli.cluster import read_env
+
+    return read_env(state_dir)
 
 
 def curve_dealer(ctx, endpoint: str, identity: bytes | None, credentials: ClientCredentials | None):  # type: ignore[no-untyped-def]
@@ -73,3 +71,22 @@ def curve_dealer(ctx, endpoint: str, identity: bytes | None, credentials: Client
         apply_client(sock, credentials)
     sock.connect(endpoint)
     return sock
+
+
+@contextlib.contextmanager
+def cluster_environment(state_dir: Path) -> Iterator[dict[str, str]]:
+    """os.environ with what STATE_DIR/env exports (and unsets), as a shell that sourced it; restored after."""
+    wanted = env_file(state_dir)
+    names = set(wanted) | {"MURAKKAB_KEY", "MURAKKAB_SERVER_KEY", "MURAKKAB_INSECURE"}
+    saved = {name: os.environ.get(name) for name in names}
+    for name in names - set(wanted):
+        os.environ.pop(name, None)
+    os.environ.update(wanted)
+    try:
+        yield wanted
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -27,6 +27,7 @@ from rich.console import Console
 
 from agent.components.orphans import LinuxProc, Outcome, reap_components
 from agent.components.ports import os_free_port
+from agent.components.privileges import local_cluster_engine_user
 from common.security.curve import KeyFileError, load_client_credentials, read_key_file
 from controller.cli.client import AdminClient, ClientError
 from controller.security.keyring import Keyring, KeyringError, init_keys_dir
@@ -172,6 +173,26 @@ def write_env(state_dir: Path, admin_address: str, key: Path | None, server_key:
     return text
 
 
+def read_env(state_dir: Path) -> dict[str, str]:
+    """The variables STATE_DIR/env exports; for programs that drive a local cluster as a sourced shell would."""
+    variables: dict[str, str] = {}
+    for line in (state_dir / "env").read_text().splitlines():
+        words = line.split(maxsplit=1)
+        if len(words) == 2 and words[0] == "export" and "=" in words[1]:
+            name, _, value = words[1].partition("=")
+            variables[name] = value
+    return variables
+
+
+def use_cluster_env(state_dir: Path) -> dict[str, str]:
+    """Point this process (and the murakkabctl it starts) at the local cluster in ``state_dir``."""
+    variables = read_env(state_dir)
+    for name in ("MURAKKAB_KEY", "MURAKKAB_SERVER_KEY", "MURAKKAB_INSECURE"):
+        os.environ.pop(name, None)
+    os.environ.update(variables)
+    return variables
+
+
 def cluster_up(args: argparse.Namespace, console: Console) -> int:
     state_dir: Path = args.state_dir.resolve()
     running = {n: p for n, p in _pids(state_dir).items() if _alive(p)}
@@ -209,12 +230,15 @@ def cluster_up(args: argparse.Namespace, console: Console) -> int:
     endpoints = _wait_for(lambda: endpoints_file.exists() and json.loads(endpoints_file.read_text()),
                           30.0, "the controller to bind", started, state_dir)
     model_dir = (args.model_dir or state_dir / "models").resolve()
+    engine_user, why = local_cluster_engine_user()
+    if why:
+        console.print(f"[yellow]{why}[/]")
     for name, devices in agents:
         config = _write_toml(state_dir / "agents" / name / "agent.toml", {
             "agent": {"node_name": name, "controller": endpoints["agents"], "state_dir": str(state_dir / "agents" / name),
                       "heartbeat_interval_s": args.heartbeat_interval, "labels": {"cluster": "local"},
                       "metrics_host": "127.0.0.1", "metrics_port": 0, "model_dir": str(model_dir),
-                      "insecure": insecure,
+                      "insecure": insecure, **({"engine_user": engine_user} if engine_user else {}),
                       **({} if insecure else {"key_file": str(agent_keys[name]), "controller_key_file": str(server_key)})},
             "devices": devices})
         started[name] = spawn(state_dir, name, [sys.executable, "-m", "agent.main", "--config", str(config)])

@@ -14,10 +14,13 @@ it, revoke the old one by its public key).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -120,13 +123,37 @@ class Keyring:
         try:
             os.write(fd, text.encode("utf-8") + b"\n")
             os.fsync(fd)
+            _keep_owner(fd, self.path)
         finally:
             os.close(fd)
         tmp.replace(self.path)
         self.by_public_key = {e.public_key: e for e in self.entries}
 
-    def issue(self, name: str, kind: Kind, role: str, *, out_dir: Path | None = None) -> tuple[KeyEntry, Path]:
-        """Make a key pair for a client, record its public key, and write it for the client to take."""
+    @contextlib.contextmanager
+    def _changing(self, save: bool) -> Iterator[None]:
+        """Hold the keyring's lock and start from what is on disk, so concurrent issuers (Ansible
+        enrolling many agents at once) do not lose each other's keys; save at the end."""
+        if not save:
+            yield
+            return
+        with open(self.keys_dir / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.exists():
+                self.entries = Keyring.load(self.keys_dir).entries
+                self.by_public_key = {e.public_key: e for e in self.entries}
+            yield
+            self.save()
+
+    def issue(self, name: str, kind: Kind, role: str, *, out_dir: Path | None = None,
+              save: bool = True) -> tuple[KeyEntry, Path]:
+        """Make a key pair for a client, record its public key, and write it for the client to take.
+
+        ``save=False`` leaves writing the keyring to the caller (one ``save()`` after many keys).
+        """
+        with self._changing(save):
+            return self._issue(name, kind, role, out_dir)
+
+    def _issue(self, name: str, kind: Kind, role: str, out_dir: Path | None) -> tuple[KeyEntry, Path]:
         if not NAME_PATTERN.match(name):
             raise KeyringError(f"name {name!r}: use letters, digits, '.', '_' and '-' (a node's name for node keys)")
         if kind == "user" and role not in ROLES:
@@ -140,11 +167,15 @@ class Keyring:
         base = f"{name}-{entry.public_key[:8]}" if self.named(name) else name  # a rotation keeps the old files
         _, secret_path = write_key_files(target, _file_safe(base), pair, {"name": name, "kind": kind, "role": entry.role})
         self.entries.append(entry)
-        self.save()
+        self.by_public_key[entry.public_key] = entry
         return entry, secret_path
 
     def revoke(self, name: str, public_key: str | None = None) -> list[KeyEntry]:
         """Revoke every live key of ``name`` (or only ``public_key``); return the entries revoked."""
+        with self._changing(True):
+            return self._revoke(name, public_key)
+
+    def _revoke(self, name: str, public_key: str | None) -> list[KeyEntry]:
         now = time.time()
         revoked: list[KeyEntry] = []
         for i, entry in enumerate(self.entries):
@@ -154,8 +185,18 @@ class Keyring:
         if not revoked:
             which = f" with public key {public_key}" if public_key else ""
             raise KeyringError(f"no live key named {name!r}{which} in {self.path}")
-        self.save()
         return revoked
+
+
+def _keep_owner(fd: int, path: Path) -> None:
+    """Give the new keyring the owner of the one it replaces: root running ``keys issue`` must not
+    leave the controller's service account unable to read it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if os.geteuid() == 0:
+        os.fchown(fd, st.st_uid, st.st_gid)
 
 
 def _file_safe(name: str) -> str:

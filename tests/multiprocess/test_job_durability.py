@@ -28,6 +28,8 @@ from common.protocol import ApplyCatalog, ApplyWorkflow, GetJob, ListComponents,
 from controller.cli.client import AdminClient, ClientError
 from controller.cli.cluster import spawn
 
+from tests.keys import cluster_environment
+
 pytestmark = pytest.mark.multiprocess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -149,7 +151,8 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     assert up.returncode == 0, up.stdout + up.stderr
     address = (state_dir / "controller.addr").read_text().strip()
     try:
-        yield state_dir, address
+        with cluster_environment(state_dir):  # murakkabctl and AdminClient use the cluster's admin key
+            yield state_dir, address
     finally:
         down = ctl("cluster", "down", "--state-dir", str(state_dir))
         logs = state_dir / "logs"

@@ -17,6 +17,8 @@ from common.protocol import DrainNode, ListNodes
 from controller.cli.client import AdminClient, ClientError
 from controller.cli.cluster import spawn
 
+from tests.keys import cluster_environment
+
 pytestmark = pytest.mark.multiprocess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,8 +67,10 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     assert up.returncode == 0, up.stdout + up.stderr
     address = (state_dir / "controller.addr").read_text().strip()
     assert f"export MURAKKAB_CONTROLLER={address}" in up.stdout
+    assert f"export MURAKKAB_KEY={state_dir.resolve() / 'keys' / 'issued' / 'admin.key_secret'}" in up.stdout
     try:
-        yield state_dir, address
+        with cluster_environment(state_dir):  # murakkabctl and AdminClient use the cluster's admin key
+            yield state_dir, address
     finally:
         down = ctl("cluster", "down", "--state-dir", str(state_dir))
         assert down.returncode == 0, down.stdout + down.stderr

@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from tests.keys import cluster_environment
+
 REPO = Path(__file__).resolve().parents[2]
 CTL = [sys.executable, "-m", "controller.cli.main"]
 
@@ -79,10 +81,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Any:
     assert up.returncode == 0, up.stdout + up.stderr
     address = (state / "controller.addr").read_text().strip()
     try:
-        ctl(address, "catalog", "apply", str(REPO / "examples/catalog/cpu.yaml"))
-        ctl(address, "catalog", "apply", str(REPO / "examples/catalog/sim.yaml"))
-        ctl(address, "workflow", "apply", str(REPO / "examples/workflows/rag-qa.yaml"))
-        yield address, state
+        with cluster_environment(state):  # murakkabctl uses the cluster's admin key
+            ctl(address, "catalog", "apply", str(REPO / "examples/catalog/cpu.yaml"))
+            ctl(address, "catalog", "apply", str(REPO / "examples/catalog/sim.yaml"))
+            ctl(address, "workflow", "apply", str(REPO / "examples/workflows/rag-qa.yaml"))
+            yield address, state
     finally:
         subprocess.run([*CTL, "cluster", "down", "--state-dir", str(state)], cwd=REPO, capture_output=True,
                        timeout=60)

@@ -23,6 +23,15 @@ from controller.cli import power
 from controller.cli.main import main
 from tests.unit.test_cli_workflows import FakeController, controller  # noqa: F401  (the fixture)
 
+
+@pytest.fixture(autouse=True)
+def _plaintext_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fake controllers here are plaintext ROUTERs: murakkabctl talks to them with --insecure."""
+    monkeypatch.setenv("MURAKKAB_INSECURE", "1")
+    for name in ("MURAKKAB_KEY", "MURAKKAB_SERVER_KEY"):
+        monkeypatch.delenv(name, raising=False)
+
+
 T0 = 1_700_000_000.0
 VIEW = {
     "budgets": [

@@ -26,6 +26,15 @@ from controller.cli import workflows as wf
 from controller.cli.main import main
 from controller.cli.workflows import InputError
 
+
+@pytest.fixture(autouse=True)
+def _plaintext_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fake controllers here are plaintext ROUTERs: murakkabctl talks to them with --insecure."""
+    monkeypatch.setenv("MURAKKAB_INSECURE", "1")
+    for name in ("MURAKKAB_KEY", "MURAKKAB_SERVER_KEY"):
+        monkeypatch.delenv(name, raising=False)
+
+
 TYPES = {"question": "text", "corpus": "file", "k": "integer", "temperature": "number", "verbose": "boolean",
          "config": "json", "docs": "list[document]", "frames": "list[image]", "query": "vector"}
 
