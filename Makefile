@@ -11,7 +11,7 @@ MODEL_DIR ?= .state/models
 TINY_MODEL := $(MODEL_DIR)/tiny-llama/.complete
 DEMO_DIR ?= .state/demo
 
-.PHONY: install engines demo test test-fast bench bench-workflows bench-planning clean demo-down
+.PHONY: install engines system-packages demo test test-fast bench bench-workflows bench-planning clean demo-down
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,20 @@ $(TINY_MODEL): $(ENGINES_STAMP)
 
 engines: $(ENGINES_STAMP) $(TINY_MODEL)
 
-demo: install engines
+# Debian packages the tests and the demo need, as package:command (installed when the command is missing).
+SYSTEM_PACKAGES := bubblewrap:bwrap
+
+system-packages:
+	@missing=""; for entry in $(SYSTEM_PACKAGES); do \
+	  command -v "$${entry#*:}" >/dev/null 2>&1 || missing="$$missing $${entry%%:*}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null; then sudo=sudo; \
+	  else echo "missing Debian packages:$$missing (install them as root)" >&2; exit 1; fi; \
+	  echo "installing Debian packages:$$missing"; \
+	  $$sudo apt-get update && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
+	fi
+
+demo: install engines system-packages
 	@$(VENV)/bin/murakkabctl cluster down --state-dir $(DEMO_DIR) >/dev/null 2>&1 || true
 	$(VENV)/bin/murakkabctl cluster up --state-dir $(DEMO_DIR) --sim-nodes 2 --gpus-per-node 4 --gpu-model h100 \
 	  --cpu-node --sim-utilization 0.0 --model-dir $(abspath $(MODEL_DIR))
@@ -42,8 +55,8 @@ demo: install engines
 	  set -e; trap '$(VENV)/bin/murakkabctl cluster down --state-dir $(DEMO_DIR)' EXIT; \
 	  ./examples/demo.sh
 
-test: install engines
-	MURAKKAB_REQUIRE_VLLM=1 MURAKKAB_MODEL_DIR=$(abspath $(MODEL_DIR)) $(PY) -m pytest -q
+test: install engines system-packages
+	MURAKKAB_REQUIRE_VLLM=1 MURAKKAB_REQUIRE_SANDBOX=1 MURAKKAB_MODEL_DIR=$(abspath $(MODEL_DIR)) $(PY) -m pytest -q
 
 test-fast: install
 	$(PY) -m pytest -q -m "not multiprocess and not vllm"

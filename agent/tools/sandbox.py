@@ -1,37 +1,65 @@
-"""The code-execution tool: run a candidate program against assert tests in a bounded subprocess.
+"""The code-execution tool: run a candidate program against assert tests in a contained subprocess.
 
-Candidates are model-written code, so they loop, allocate without end, call ``sys.exit``, fork or fill
-the disk by accident. Each run gets a fresh ``python -I -B`` interpreter (the agent's own), an empty
-environment but PATH and LANG, a temporary working directory removed afterwards, its own session,
-resource limits (address space, CPU time, file size, open files, no core dumps, no new processes) and
-a wall-clock deadline after which its whole process group is killed. Whatever the candidate does, the
-result is a ``test_result``; only tests that are not Python raise ToolError (those come from the user).
+Candidates are model-written code, and whoever writes the prompt can make it hostile. By default
+(knob ``sandbox: bubblewrap``) each run is a fresh ``python -I -B`` harness (the agent's base
+interpreter, standard library only) under bubblewrap (``agent.tools.bwrap``): new user, PID, network,
+IPC, UTS and mount namespaces, uid 65534 without capabilities, no network at all, a read-only view of
+only what the interpreter needs, private size-bounded ``/work`` and ``/tmp`` as the only writable
+places, a seccomp filter refusing process creation and a few kernel interfaces. It cannot see the
+agent's files, keys or state, reach a socket of the host, signal or trace a process outside, or leave
+a process or file behind. A root caller runs bwrap as uid 65534, so the candidate is nobody outside
+the namespaces too; where that uid cannot reach the interpreter (a Python under ``/root``) bwrap runs
+as root: still uid 65534 inside and without capabilities, but root-owned outside, so ``/proc`` is not
+mounted and a warning names the fix. Inside, as before, the harness sets resource limits (address
+space, CPU time, file size, open files, no core dumps, no new processes) as its first act, before any
+candidate code is read, rather than in ``preexec_fn`` (the agent runs tools in threads, and
+``preexec_fn`` can deadlock a forked child of a threaded parent), and the parent kills the whole run
+at a wall-clock deadline. Whatever the candidate does, the result is a ``test_result``; only tests
+that are not Python raise ToolError (those come from the user).
 
-The limits are set by a trusted harness as its first act, before any candidate code is read, rather
-than in ``preexec_fn``: the agent runs tools in threads, and ``preexec_fn`` can deadlock a forked child
-of a threaded parent. This contains accidents, not an attacker: code that calls ``fork`` through
-ctypes while the agent runs as root escapes the process limit. Run the agent unprivileged or in a
-container where untrusted code is expected.
+Whether bubblewrap works here is found out once per process, by its first run (the harness says
+when it has started, before any candidate code runs). Where it cannot run (not installed, no
+unprivileged user namespaces, an interpreter it cannot show), the tool raises
+SandboxUnavailable, a fault of the deployment, saying what is missing: it does not fall back on its
+own. A catalog that accepts less gives the executor the knob ``sandbox`` with values ``[rlimits]``:
+the harness then runs directly on the host in a temporary directory with the same limits, which
+contains accidents, not an attacker (the candidate sees the host's files and network as the agent's
+user, and as root it can fork past the process limit through ctypes). ``MURAKKAB_BWRAP`` names
+another bwrap executable.
+
+Not covered: kernel exploits through the system calls the filter allows; CPU and memory use beyond
+the per-process limits of each run (no cgroup); reading what the read-only view shows (the
+interpreter's prefix and system libraries); timing and other side channels; and the verdict itself:
+the candidate shares the harness's process, so it can write to the result descriptor and claim tests
+it did not pass.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
+import logging
 import math
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agent.components.orphans import killpg_quietly
+from agent.tools import bwrap
 from agent.tools.base import ToolError, float_knob, int_knob, text_input
+from agent.tools.bwrap import Layout
+
+logger = logging.getLogger(__name__)
 
 MAX_CODE_CHARS = 1_000_000
 MAX_TESTS_CHARS = 1_000_000
@@ -41,22 +69,30 @@ MAX_FILE_BYTES = 16 * 1024 * 1024
 MAX_OPEN_FILES = 64
 MAX_CAPTURE_BYTES = 64 * 1024  # per stream: the candidate may print without end
 MAX_ERROR_CHARS = 2000
+SANDBOX_MODES = ("bubblewrap", "rlimits")
+BWRAP_ENV = "MURAKKAB_BWRAP"  # another bwrap executable (a name on PATH or a path)
+PROBE_TIMEOUT_S = 10
+PROBE_RETRY_S = 60.0  # bubblewrap failing here is tried again after this long (an administrator may fix it)
 
 # Runs as `python -I -B -c HARNESS WORK_DIR RESULT_FD LIMITS_JSON`; reports JSON lines on RESULT_FD:
-# {"event": "code", "error"}, {"event": "test-start", "index"}, {"event": "test", "index", "ok", "error"},
-# {"event": "done", "runtime_s"}. Everything it needs is bound before the candidate runs, so a candidate
-# that rebinds json or os cannot break the reporting by accident.
+# {"event": "start"}, {"event": "code", "error"}, {"event": "test-start", "index"},
+# {"event": "test", "index", "ok", "error"}, {"event": "done", "runtime_s"}. Everything it needs is bound
+# before the candidate runs, so a candidate that rebinds json or os cannot break the reporting by accident.
 HARNESS = r'''
 import ast, json, os, resource, sys, time
 
 def main():
     work, fd, limits = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+    os.closerange(3, fd)  # nothing but the result pipe crosses into the candidate
+    os.closerange(fd + 1, 1 << 16)
     dumps, write, perf = json.dumps, os.write, time.perf_counter
 
     def report(**event):
         data = (dumps(event) + "\n").encode()
         while data:
             data = data[write(fd, data):]
+
+    report(event="start")  # the sandbox works; nothing of the candidate has run yet
 
     with open(os.path.join(work, "candidate.py"), encoding="utf-8") as f:
         code = f.read()
@@ -154,6 +190,10 @@ main()
 '''
 
 
+class SandboxUnavailable(Exception):
+    """This host cannot contain untrusted code as the executor asks: a fault of the deployment, not the input."""
+
+
 @dataclass
 class _Run:
     """What the parent saw of one harness run."""
@@ -171,26 +211,43 @@ def execute_code(inputs: dict[str, Any], knobs: dict[str, Any]) -> dict[str, Any
 
     Tests are Python source: every top-level ``assert`` is one test, other statements (imports,
     helpers) run in order as setup. Each test runs even if an earlier one failed. Knobs: ``timeout_s``
-    (wall clock for the whole run, default 5) and ``memory_bytes`` (address space, default 256 MiB).
-    ``runtime_s`` is the time the code and tests took inside the sandbox (interpreter start excluded),
-    or the wall time until the run was stopped.
+    (wall clock for the whole run, default 5), ``memory_bytes`` (address space, default 256 MiB) and
+    ``sandbox``: ``bubblewrap`` (the default) or ``rlimits``, the weaker mode a catalog must choose
+    explicitly. ``runtime_s`` is the time the code and tests took inside the sandbox (interpreter start
+    excluded), or the wall time until the run was stopped. Raises SandboxUnavailable when bubblewrap
+    is asked for and cannot run here.
     """
     code = text_input(inputs, "code", MAX_CODE_CHARS)
     tests = text_input(inputs, "tests", MAX_TESTS_CHARS)
     timeout_s = float_knob(knobs, "timeout_s", DEFAULT_TIMEOUT_S, 0.1, 600.0)
     memory_bytes = int_knob(knobs, "memory_bytes", DEFAULT_MEMORY_BYTES, 64 * 1024 * 1024, 64 * 1024 ** 3)
+    mode = (knobs or {}).get("sandbox") or "bubblewrap"
+    if mode not in SANDBOX_MODES:
+        raise ToolError(f"knob 'sandbox': expected one of {', '.join(SANDBOX_MODES)}, got {mode!r}")
     sources = _test_sources(tests)
-    if not sys.executable:
-        raise ToolError("the agent cannot locate its Python interpreter to run code in")
     cpu_s = math.ceil(timeout_s) + 1
-    limits = [["RLIMIT_AS", memory_bytes, memory_bytes], ["RLIMIT_CPU", cpu_s, cpu_s + 1],
-              ["RLIMIT_FSIZE", MAX_FILE_BYTES, MAX_FILE_BYTES], ["RLIMIT_NOFILE", MAX_OPEN_FILES, MAX_OPEN_FILES],
-              ["RLIMIT_CORE", 0, 0]]
-    with tempfile.TemporaryDirectory(prefix="murakkab-sandbox-", ignore_cleanup_errors=True) as work:
-        (Path(work) / "candidate.py").write_text(code, encoding="utf-8", errors="replace")
-        (Path(work) / "tests.py").write_text(tests, encoding="utf-8", errors="replace")
-        run = _run(work, limits, timeout_s)
+    limits = _limits(memory_bytes, cpu_s)
+    if mode == "bubblewrap":
+        run = _run_contained(code, tests, limits, timeout_s)
+    else:
+        if not sys.executable:
+            raise ToolError("the agent cannot locate its Python interpreter to run code in")
+        with tempfile.TemporaryDirectory(prefix="murakkab-sandbox-", ignore_cleanup_errors=True) as work:
+            (Path(work) / "candidate.py").write_text(code, encoding="utf-8", errors="replace")
+            (Path(work) / "tests.py").write_text(tests, encoding="utf-8", errors="replace")
+            run = _run(lambda fd: [sys.executable, "-I", "-B", "-c", HARNESS, work, str(fd), json.dumps(limits)],
+                       timeout_s, cwd=work, env=_environment())
     return {"result": _result(run, sources, timeout_s, cpu_s)}
+
+
+def _limits(memory_bytes: int, cpu_s: int) -> list[list[Any]]:
+    return [["RLIMIT_AS", memory_bytes, memory_bytes], ["RLIMIT_CPU", cpu_s, cpu_s + 1],
+            ["RLIMIT_FSIZE", MAX_FILE_BYTES, MAX_FILE_BYTES], ["RLIMIT_NOFILE", MAX_OPEN_FILES, MAX_OPEN_FILES],
+            ["RLIMIT_CORE", 0, 0]]
+
+
+def _environment() -> dict[str, str]:
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": os.environ.get("LANG", "C.UTF-8")}
 
 
 def _test_sources(tests: str) -> list[str]:
@@ -209,17 +266,177 @@ def _test_sources(tests: str) -> list[str]:
     return sources
 
 
-def _run(work: str, limits: list[list[Any]], timeout_s: float) -> _Run:
-    """Start the harness in ``work`` and collect its reports and output until it ends or the deadline passes."""
+# --- bubblewrap ---------------------------------------------------------------------------------------------
+
+# What worked, or failed and why, per (bwrap, euid, interpreter): a process finds out once (a failure is
+# retried after PROBE_RETRY_S). Dictionary assignments only, so threads calling at once are safe.
+_layouts: dict[tuple[str, int, str], Layout] = {}
+_failures: dict[tuple[str, int, str], tuple[float, str]] = {}
+
+
+def sandbox_layout() -> Layout:
+    """How this process runs candidates under bubblewrap, found with a trivial candidate if no run has yet.
+
+    SandboxUnavailable says what is missing.
+    """
+    key, _ = _layout_choices()
+    if key not in _layouts:
+        run = _run_contained("", "assert True", _limits(DEFAULT_MEMORY_BYTES, PROBE_TIMEOUT_S + 1), PROBE_TIMEOUT_S)
+        if key not in _layouts:
+            raise SandboxUnavailable(_unavailable(f"a trivial candidate did not start within {PROBE_TIMEOUT_S} s "
+                                                  f"({_failure(run)})"))
+    return _layouts[key]
+
+
+def _layout_choices() -> tuple[tuple[str, int, str], list[Layout]]:
+    """The cache key and the layouts to try, best first.
+
+    A root caller first runs bwrap as uid 65534, so that nothing inside is root even outside the
+    namespaces; where that uid cannot reach the interpreter, bwrap runs as root (uid 65534 inside,
+    root outside, without /proc) and the layout's ``note`` and a warning say why.
+    """
+    name = os.environ.get(BWRAP_ENV) or "bwrap"
+    path = shutil.which(name)
+    if path is None:
+        raise SandboxUnavailable(_unavailable(f"bubblewrap ({name}) not found"
+                                              + (f" (set by {BWRAP_ENV})" if os.environ.get(BWRAP_ENV) else "")))
+    try:
+        bwrap.seccomp_program()
+    except ValueError as exc:
+        raise SandboxUnavailable(_unavailable(str(exc))) from None
+    python, binds = bwrap.interpreter_view()
+    root = os.geteuid() == 0
+    choices = [Layout(path, python, binds, bwrap.SANDBOX_UID, True)] if root else []
+    choices.append(Layout(path, python, binds, None, not root))
+    return (path, os.geteuid(), python), choices
+
+
+def _unavailable(reason: str) -> str:
+    return (f"the code sandbox cannot contain untrusted code on this host: {reason}. Install Debian's bubblewrap "
+            "(apt-get install bubblewrap) on a kernel that allows unprivileged user namespaces, or accept the "
+            "weaker mode (resource limits only, no isolation from the host) by giving the executor the knob "
+            "sandbox with values [rlimits] in the catalog")
+
+
+def _run_contained(code: str, tests: str, limits: list[list[Any]], timeout_s: float) -> _Run:
+    """One run under bubblewrap; the first run of a process also finds the layout that works here.
+
+    A layout works when the harness reported that it started; until then no candidate code has run,
+    so trying the next layout with the same candidate is safe.
+    """
+    key, choices = _layout_choices()
+    if key in _layouts:
+        return _run_bwrap(_layouts[key], code, tests, limits, timeout_s)
+    failed = _failures.get(key)
+    if failed is not None and time.monotonic() - failed[0] < PROBE_RETRY_S:
+        raise SandboxUnavailable(_unavailable(failed[1]))
+    reasons: list[str] = []
+    for layout in choices:
+        try:
+            run = _run_bwrap(layout, code, tests, limits, timeout_s)
+        except OSError as exc:  # bwrap not executable by that uid, no memfd, out of processes
+            reasons.append(f"bwrap as uid {layout.outside_uid} did not start: {type(exc).__name__}: {exc}")
+            continue
+        if any(event.get("event") == "start" for event in run.events):
+            if reasons:
+                layout = dataclasses.replace(layout, note=f"as uid {layout.outside_uid} outside the namespaces, "
+                                                          f"without /proc, because {reasons[0]}")
+                logger.warning("code sandbox: bubblewrap runs candidates %s; make the interpreter %s readable by "
+                               "uid %d for the stronger mode", layout.note, layout.python, bwrap.SANDBOX_UID)
+            _layouts[key] = layout
+            _failures.pop(key, None)
+            return run
+        if run.timed_out:
+            return run  # too slow to say whether it works: a result now, and the next run tries again
+        reasons.append(f"bwrap as uid {layout.outside_uid} failed: {_failure(run)}")
+    _failures[key] = (time.monotonic(), "; ".join(reasons))
+    raise SandboxUnavailable(_unavailable(_failures[key][1]))
+
+
+def _failure(run: _Run) -> str:
+    tail = run.stderr.decode("utf-8", "replace").strip()
+    if run.timed_out:
+        return "timed out"
+    return tail.splitlines()[-1][:300] if tail else f"exit status {run.returncode} and no message"
+
+
+def _run_bwrap(layout: Layout, code: str, tests: str, limits: list[list[Any]], timeout_s: float) -> _Run:
+    """Run the harness under bubblewrap; candidate, tests and the seccomp filter enter through memory files."""
+    fds: list[int] = []
+    info_read, info_write = os.pipe()
+    try:
+        os.set_blocking(info_read, False)
+        for name, data in (("candidate.py", code.encode("utf-8", "replace")),
+                           ("tests.py", tests.encode("utf-8", "replace")), ("seccomp", bwrap.seccomp_program())):
+            fd = os.memfd_create(f"murakkab-sandbox-{name}")
+            fds.append(fd)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.lseek(fd, 0, os.SEEK_SET)
+        files = [(fds[0], "candidate.py"), (fds[1], "tests.py")]
+        env = {"PATH": "/usr/bin:/bin", "LANG": os.environ.get("LANG", "C.UTF-8")}
+
+        def argv(result_fd: int) -> list[str]:
+            inside = [layout.python, "-I", "-B", "-c", HARNESS, bwrap.WORK_DIR, str(result_fd), json.dumps(limits)]
+            return bwrap.command(layout, inside, env, files, fds[2], info_write)
+
+        user = {} if layout.drop_to_uid is None else {
+            "user": layout.drop_to_uid, "group": layout.drop_to_uid, "extra_groups": []}
+        run = _run(argv, timeout_s, cwd="/", env={}, pass_fds=(*fds, info_write),
+                   before_kill=lambda proc: _stop_sandbox_init(proc, info_read), **user)
+    finally:
+        for fd in (*fds, info_read, info_write):
+            os.close(fd)
+    if 128 < run.returncode <= 128 + 64:
+        run.returncode = 128 - run.returncode  # bwrap exits 128 + N when the harness was killed by signal N
+    return run
+
+
+def _stop_sandbox_init(proc: subprocess.Popen[bytes], info_fd: int) -> None:
+    """Kill the sandbox's init (its PID namespace with it) while bwrap lives, so bwrap reaps it.
+
+    Killing bwrap first would leave its child to the host's init, a zombie where that init does not
+    reap (an agent that is PID 1 of a container). bwrap wrote the init's pid to ``info_fd``; a pidfd
+    and its parent being bwrap make sure the signal reaches that process and no other.
+    """
+    if _exited(proc.pid):
+        return
+    try:
+        child = int(json.loads(os.read(info_fd, 65536))["child-pid"])
+        pidfd = os.pidfd_open(child)
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # bwrap has not started its child, or the child is gone
+    try:
+        with open(f"/proc/{child}/stat", "rb") as f:
+            parent = int(f.read().rsplit(b")", 1)[1].split()[1])
+        if parent != proc.pid:
+            return
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except (OSError, ValueError, IndexError):
+        return
+    finally:
+        os.close(pidfd)
+    deadline = time.monotonic() + 2.0
+    while not _exited(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+# --- one run ----------------------------------------------------------------------------------------------
+
+
+def _run(argv: Callable[[int], list[str]], timeout_s: float, *, pass_fds: tuple[int, ...] = (),
+         before_kill: Callable[[subprocess.Popen[bytes]], None] | None = None, **popen: Any) -> _Run:
+    """Start ``argv(result_fd)`` and collect its reports and output until it ends or the deadline passes.
+
+    ``before_kill`` runs before the process group is killed (the process unreaped, maybe exited)."""
     run = _Run()
     read_fd, write_fd = os.pipe()
     started_s = time.monotonic()
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-B", "-c", HARNESS, work, str(write_fd), json.dumps(limits)],
-            cwd=work, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": os.environ.get("LANG", "C.UTF-8")},
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            pass_fds=(write_fd,), start_new_session=True)
+        proc = subprocess.Popen(argv(write_fd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, pass_fds=(write_fd, *pass_fds), start_new_session=True,
+                                **popen)
     except BaseException:
         os.close(read_fd)
         raise
@@ -257,6 +474,8 @@ def _run(work: str, limits: list[list[Any]], timeout_s: float) -> _Run:
                     else:
                         run.stderr = (run.stderr + chunk)[-MAX_CAPTURE_BYTES:]
         finally:
+            if before_kill is not None:
+                before_kill(proc)
             # kill the group while the leader is unreaped, so its id cannot have been reused by another group
             killpg_quietly(proc.pid, signal.SIGKILL)
             run.returncode = proc.wait()

@@ -20,6 +20,7 @@ from agent.tools.retrieve import retrieve
 from agent.tools.sandbox import execute_code
 from agent.tools.testdata import DEFAULT_CORPUS, file_blob, make_corpus_jsonl, make_test_video
 from agent.tools.video import detect_scenes, extract_frames
+from tests.unit.test_sandbox_hostile import require_bubblewrap
 
 RED, GREEN, BLUE = (200, 30, 30), (30, 170, 60), (40, 60, 210)
 
@@ -247,22 +248,30 @@ def run_code(code: str, tests: str = ADD_TESTS, **knobs: Any) -> dict[str, Any]:
     return execute_code({"code": code, "tests": tests}, knobs)["result"]
 
 
-def test_sandbox_good_code_passes_every_test() -> None:
-    result = run_code("def add(a, b):\n    return a + b\n")
+@pytest.fixture(params=["bubblewrap", "rlimits"])
+def sandbox(request: pytest.FixtureRequest) -> str:
+    """Each behaviour holds in both modes; hostile candidates are in test_sandbox_hostile.py."""
+    if request.param == "bubblewrap":
+        require_bubblewrap()
+    return str(request.param)
+
+
+def test_sandbox_good_code_passes_every_test(sandbox: str) -> None:
+    result = run_code("def add(a, b):\n    return a + b\n", sandbox=sandbox)
     assert result["passed"] is True and result["error"] == ""
     assert (result["passed_tests"], result["total_tests"]) == (3, 3)
     assert 0 <= result["runtime_s"] < 5
 
 
-def test_sandbox_counts_each_test_separately_and_reports_the_first_failure() -> None:
-    result = run_code("def add(a, b):\n    return a * b\n")
+def test_sandbox_counts_each_test_separately_and_reports_the_first_failure(sandbox: str) -> None:
+    result = run_code("def add(a, b):\n    return a * b\n", sandbox=sandbox)
     assert (result["passed"], result["passed_tests"], result["total_tests"]) == (False, 1, 3)
     assert result["error"] == "test 1 of 3 failed: assert add(1, 2) == 3"
-    raising = run_code("def add(a, b):\n    return a + b if a > 0 else 1 / 0\n")
+    raising = run_code("def add(a, b):\n    return a + b if a > 0 else 1 / 0\n", sandbox=sandbox)
     assert raising["passed_tests"] == 2
     assert raising["error"] == "test 3 of 3 raised ZeroDivisionError: division by zero: assert add(-1, 1) == 0"
     setup = run_code("def add(a, b):\n    return a + b\n",
-                     "import math\nassert add(1, 1) == 2\nassert math.isclose(0.1 + 0.2, 0.3)\n")
+                     "import math\nassert add(1, 1) == 2\nassert math.isclose(0.1 + 0.2, 0.3)\n", sandbox=sandbox)
     assert setup["passed"] is True and setup["total_tests"] == 2
 
 
@@ -280,36 +289,37 @@ def test_sandbox_counts_each_test_separately_and_reports_the_first_failure() -> 
     ("x = []\nwhile True:\n    x.append(bytearray(2**20))\n", r"^MemoryError: out of memory"),
     ("input()\n", r"^EOFError"),
 ])
-def test_sandbox_turns_misbehaving_code_into_a_failed_result(code: str, message: str) -> None:
-    result = run_code(code)
+def test_sandbox_turns_misbehaving_code_into_a_failed_result(code: str, message: str, sandbox: str) -> None:
+    result = run_code(code, sandbox=sandbox)
     assert result["passed"] is False and result["passed_tests"] == 0 and result["total_tests"] == 3
     assert re.search(message, result["error"]), result["error"]
 
 
-def test_sandbox_memory_limit_follows_the_knob() -> None:
+def test_sandbox_memory_limit_follows_the_knob(sandbox: str) -> None:
     code = "def add(a, b):\n    block = bytearray(200 * 2**20)\n    return a + b\n"
-    assert run_code(code)["passed"] is True  # 200 MiB fits under the default 256 MiB
-    small = run_code(code, memory_bytes=128 * 2**20)
+    assert run_code(code, sandbox=sandbox)["passed"] is True  # 200 MiB fits under the default 256 MiB
+    small = run_code(code, memory_bytes=128 * 2**20, sandbox=sandbox)
     assert small["passed_tests"] == 0 and "the sandbox allows 128 MiB" in small["error"]
 
 
-def test_sandbox_stops_an_infinite_loop_at_the_deadline_and_keeps_earlier_results() -> None:
+def test_sandbox_stops_an_infinite_loop_at_the_deadline_and_keeps_earlier_results(sandbox: str) -> None:
     started = time.monotonic()
-    result = run_code("def add(a, b):\n    while a < 0:\n        pass\n    return a + b\n", timeout_s=1.0)
+    result = run_code("def add(a, b):\n    while a < 0:\n        pass\n    return a + b\n", timeout_s=1.0,
+                      sandbox=sandbox)
     assert time.monotonic() - started < 4.0
     assert (result["passed"], result["passed_tests"]) == (False, 2)
     assert result["error"] == "timed out after 1 s while running test 3 of 3: assert add(-1, 1) == 0"
     assert result["runtime_s"] >= 1.0
 
 
-def test_sandbox_keeps_the_first_error_and_says_how_the_run_ended() -> None:
+def test_sandbox_keeps_the_first_error_and_says_how_the_run_ended(sandbox: str) -> None:
     result = run_code("import time\ndef add(a, b):\n    if a == 2:\n        time.sleep(60)\n    return a\n",
-                      timeout_s=1.0)
+                      timeout_s=1.0, sandbox=sandbox)
     assert result["error"] == ("test 1 of 3 failed: assert add(1, 2) == 3; then timed out after 1 s "
                                "while running test 2 of 3: assert add(2, 2) == 4")
 
 
-def test_sandbox_isolates_environment_limits_and_working_directory() -> None:
+def test_sandbox_rlimits_mode_isolates_environment_limits_and_working_directory() -> None:
     probe = """
 import os, resource, sys
 assert sorted(os.environ) in (["LANG", "PATH"], ["LANG", "LC_CTYPE", "PATH"]), sorted(os.environ)
@@ -323,15 +333,16 @@ assert resource.getrlimit(resource.RLIMIT_NPROC) == (0, 0)
 assert os.getpgid(0) == os.getpid() and os.getsid(0) == os.getpid()
 assert False, os.getcwd()
 """
-    result = run_code("", probe)
+    result = run_code("", probe, sandbox="rlimits")  # bubblewrap: test_sandbox_hostile.py
     assert result["passed_tests"] == 9, result["error"]
     work_dir = re.search(r"\(AssertionError: (.+)\)$", result["error"])
     assert work_dir is not None and "murakkab-sandbox-" in work_dir.group(1)
     assert not Path(work_dir.group(1)).exists()  # removed after the run
 
 
-def test_sandbox_survives_an_output_flood() -> None:
-    result = run_code("def add(a, b):\n    for _ in range(20000):\n        print('spam' * 50)\n    return a + b\n")
+def test_sandbox_survives_an_output_flood(sandbox: str) -> None:
+    result = run_code("def add(a, b):\n    for _ in range(20000):\n        print('spam' * 50)\n    return a + b\n",
+                      sandbox=sandbox)
     assert result["passed"] is True
 
 
@@ -343,6 +354,7 @@ def test_sandbox_survives_an_output_flood() -> None:
     ({"tests": "assert True"}, {}, r"missing input 'code'"),
     ({"code": "", "tests": "assert True"}, {"timeout_s": 0}, r"knob 'timeout_s': 0 is outside the allowed range"),
     ({"code": "", "tests": "assert True"}, {"memory_bytes": 1024}, r"knob 'memory_bytes': 1024 is outside"),
+    ({"code": "", "tests": "assert True"}, {"sandbox": "docker"}, r"knob 'sandbox': expected one of bubblewrap, "),
 ])
 def test_sandbox_rejects_unusable_tests_and_knobs(inputs: dict[str, Any], knobs: dict[str, Any], message: str) -> None:
     with pytest.raises(ToolError, match=message):
@@ -372,9 +384,9 @@ def test_rank_candidates_with_no_candidates_has_no_best() -> None:
     assert rank_candidates({"candidates": [], "results": []}, {}) == {"best": "", "ranking": []}
 
 
-def test_rank_candidates_ranks_real_sandbox_results() -> None:
+def test_rank_candidates_ranks_real_sandbox_results(sandbox: str) -> None:
     candidates = ["def add(a, b):\n    return a * b\n", "def add(a, b):\n    return a + b\n", "def add(a, b)\n"]
-    results = [run_code(code) for code in candidates]
+    results = [run_code(code, sandbox=sandbox) for code in candidates]
     out = rank_candidates({"candidates": candidates, "results": results}, {})
     assert out["best"] == candidates[1] and [r["index"] for r in out["ranking"]] == [1, 0, 2]
 
