@@ -1,7 +1,7 @@
 """Who may talk to the controller: the ZAP handler, per-message checks and revocation.
 
-CurveZMQ encrypts both controller sockets; the ZAP handler (pyzmq's asyncio
-authenticator, one per context) accepts a handshake only from a key in the keyring that
+CurveZMQ encrypts both controller sockets; the ZAP handler (pyzmq's ``zmq.auth``
+authenticator driven from the event loop, one per context) accepts a handshake only from a key in the keyring that
 is live and of the right kind for the socket (node keys on the agent socket, user keys on
 the admin socket). ZeroMQ then stamps every message with the key (``User-Id``), and the
 socket's :class:`EndpointGate` checks each one: a node key speaks only as its own node, a
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-from zmq.auth.asyncio import AsyncioAuthenticator
+from zmq.auth.base import Authenticator
 from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
@@ -93,6 +93,8 @@ class ControlPlaneAuth:
             await asyncio.sleep(MONITOR_POLL_S)
             self.read_monitors()
             self.reload_if_changed()
+            if self._authenticator is not None:  # a reply sent can swallow the edge of the next request
+                self._authenticator.drain()
 
     def read_monitors(self) -> None:
         for _, monitor, endpoint in self._monitors:
@@ -208,14 +210,40 @@ class EndpointGate:
         return Caller(entry.name, entry.role)
 
 
-class _ZapHandler(AsyncioAuthenticator):
-    """Answers ZAP requests from the keyring: a live key of the kind the socket's domain expects."""
+class _ZapHandler(Authenticator):
+    """Answers ZAP requests from the keyring: a live key of the kind the socket's domain expects.
+
+    pyzmq's authenticator binds the ZAP socket; the requests are read from the event loop's
+    reader callback (as the RPC endpoints read theirs), and the reader is removed before the
+    socket closes, so a controller restarted in the same process finds no stale watcher.
+    """
 
     def __init__(self, ctx: zmq.Context, auth: ControlPlaneAuth) -> None:
         super().__init__(ctx, log=logging.getLogger("murakkab.controller.zap"))
         self.auth = auth
+        self._fd = -1
 
-    async def handle_zap_message(self, msg: list[bytes]) -> None:
+    def start(self) -> None:
+        super().start()
+        self._fd = self.zap_socket.getsockopt(zmq.FD)
+        asyncio.get_running_loop().add_reader(self._fd, self.drain)
+
+    def stop(self) -> None:
+        if self._fd >= 0:
+            asyncio.get_running_loop().remove_reader(self._fd)
+            self._fd = -1
+        super().stop()
+
+    def drain(self) -> None:
+        """Answer every queued request (the descriptor is edge-triggered: read until none is left)."""
+        while self.zap_socket is not None:
+            try:
+                msg = self.zap_socket.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.answer(msg)
+
+    def answer(self, msg: list[bytes]) -> None:
         if len(msg) < 6 or msg[0] != ZAP_VERSION:
             if len(msg) >= 2:
                 self._send_zap_reply(msg[1], b"400", b"malformed ZAP request")

@@ -166,6 +166,14 @@ def test_a_node_key_speaks_only_as_its_own_node(tmp_path: Path) -> None:
             node1 = controller.registry.nodes["node-1"]
             assert node1.state == "ready" and node1.generation == generation
 
+            # Without a key (plaintext) under node-1's identity: the handshake fails, nothing reaches node-1.
+            plain = curve_dealer(ctx, controller.agent_endpoint, b"node-1", None)
+            await plain.send(encode(_heartbeat("node-1"), 1))
+            assert not await plain.poll(500)
+            plain.close(0)
+            assert refusals(cluster).get(("agents", "no_curve"), 0) >= 1
+            assert controller.registry.nodes["node-1"].state == "ready"
+
             # An enrolled node-x under its own identity, registering as node-1: refused by name.
             keys.add_node("node-x")
             assert controller.auth.reload_if_changed()
