@@ -38,6 +38,12 @@ class AgentSettings(BaseModel):
                                      "rotated to engine.log.1 when it is past this size at a (re)start")
     shutdown_drain_s: float = Field(5.0, ge=0, le=600, description="on agent shutdown, how long components may "
                                     "finish in-flight invocations before their engines are stopped")
+    engine_user: str = Field("", max_length=64, description="when the agent runs as root, the account its engines "
+                             "and tools run as; empty means murakkab-engine if it exists, else nobody; 'root' keeps "
+                             "them root (development containers and tests only). Ignored when the agent is not root "
+                             "(engines run as the agent's user)")
+    engine_group: str = Field("", max_length=64, description="the engines' primary group; empty means "
+                              "engine_user's own")
 
     @model_validator(mode="after")
     def _default_model_dir(self) -> "AgentSettings":

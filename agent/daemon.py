@@ -22,6 +22,7 @@ import zmq
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import ValidationError
 
+from agent.components.privileges import resolve_engine_identity
 from agent.components.runtime import ComponentManager, ManagerConfig
 from agent.config import AgentSettings
 from agent.devices.base import Device, DeviceError
@@ -143,7 +144,8 @@ class Agent:
         self.heartbeat_rtt_observers: list[Callable[[float], None]] = [self.metrics.heartbeat_rtt.observe]
         self.components = ComponentManager(
             ManagerConfig(state_dir=Path(settings.state_dir), model_dir=Path(settings.model_dir),
-                          engine_python=settings.engine_python, log_bytes=settings.component_log_bytes),
+                          engine_python=settings.engine_python, log_bytes=settings.component_log_bytes,
+                          engine_identity=resolve_engine_identity(settings.engine_user, settings.engine_group)),
             self.devices, read_energy=self._read_energy, clock=clock)
         self.components.transition_observers.append(
             lambda t: self.metrics.component_transitions.labels(t.new).inc())

@@ -17,14 +17,18 @@ Each component has a directory ``<state_dir>/components/<component_id>/`` with i
 ``engine.log`` (rotated once to ``engine.log.1`` at a (re)start past the size limit) and a
 ``work`` directory for the engine. While an engine process runs, ``engine.pid`` there
 records it (``agent.components.orphans``), so engines a killed agent left running can be
-reaped by the next agent start or by ``murakkabctl cluster down``.
+reaped by the next agent start or by ``murakkabctl cluster down``. When the agent runs as
+root, engine processes run as ``engine_identity`` (``agent.components.privileges``): ``work``
+becomes theirs and their HOME, the rest of the directory stays the agent's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -44,6 +48,7 @@ from agent.components.lifecycle import (
     StopEngine, StopRequested, Tick, Transition,
 )
 from agent.components.ports import PortAllocator
+from agent.components.privileges import EngineIdentity, interpreter_problem, prepare_work_dir
 from agent.devices.base import Device
 from common.protocol import ComponentReport, Invoke, InvocationResult
 from common.workflow.catalog import ExecutorSpec
@@ -102,6 +107,8 @@ class ManagerConfig:
     remembered_results: int = 4096
     forget_stopped_after_s: float = 600.0
     max_output_bytes: int = MAX_OUTPUT_BYTES
+    # Who engines run as when the agent is root (``privileges.resolve_engine_identity``); None: the agent's user.
+    engine_identity: EngineIdentity | None = None
 
 
 @dataclass
@@ -149,6 +156,11 @@ class ComponentManager:
         self._results: OrderedDict[str, InvocationResult] = OrderedDict()
         self._cancelled: dict[str, str] = {}  # invocation id -> why the controller cancelled it, while it runs
         self.transition_observers: list[Callable[[Transition], None]] = []
+        identity = config.engine_identity
+        problem = interpreter_problem(identity, config.engine_python or sys.executable) if identity else None
+        if problem:  # said once here; each vllm or tool component start then fails with the same reason
+            log.warning("%s; vllm and tool components cannot start until engine_python names one it can run",
+                        problem)
 
     # --- commands ----------------------------------------------------------------------
 
@@ -274,16 +286,25 @@ class ComponentManager:
             await asyncio.to_thread(orphans.reap_component, comp.directory)
         try:
             work_dir = comp.directory / "work"
-            work_dir.mkdir(parents=True, exist_ok=True)
+            # A sim engine is the agent's own code, in its process: nothing to drop privileges for.
+            identity = self.config.engine_identity if comp.executor.engine != "sim" else None
             self._rotate_log(comp)
             self._log_line(comp, f"launching attempt {attempt}: executor {comp.executor.name} "
-                                 f"({comp.executor.engine}) on devices {list(comp.device_indexes)}")
+                                 f"({comp.executor.engine}) on devices {list(comp.device_indexes)}"
+                                 + (f", engine processes as {identity.describe()}" if identity else ""))
+            if identity is None:
+                work_dir.mkdir(parents=True, exist_ok=True)
+            else:
+                os.chmod(comp.log_path, 0o640)  # the agent's file (the engine writes to it through a descriptor)
+                for note in await asyncio.to_thread(prepare_work_dir, work_dir, identity, Path(self.config.state_dir)):
+                    self._log_line(comp, note)
             if comp.executor.engine == "vllm":
                 comp.port = self.ports.allocate(comp.component_id)
             ctx = EngineContext(
                 component_id=comp.component_id, executor=comp.executor,
                 devices=[self.devices[i] for i in comp.device_indexes], log_path=comp.log_path, work_dir=work_dir,
-                port=comp.port, model_dir=Path(self.config.model_dir), python=self.config.engine_python)
+                port=comp.port, model_dir=Path(self.config.model_dir), python=self.config.engine_python,
+                identity=identity)
             engine = self.engine_factory(ctx, clock=self.clock)
             comp.engine, comp.engine_attempt = engine, attempt
             await engine.start()

@@ -102,6 +102,9 @@ async def in_process_cluster(tmp_path: Path, nodes: int = 2, gpus: int = 2, mode
                 node_name=name, controller=controller.agent_endpoint, state_dir=tmp_path / name,
                 heartbeat_interval_s=FAST["heartbeat_interval_s"], sample_interval_s=0.05, request_timeout_s=0.5,
                 reconnect_base_s=0.05, reconnect_cap_s=0.5, metrics_enabled=(i == 0), metrics_port=0,
+                # Tools run in the agent's threads, as before issue 14 (ignored unless root): the engine account
+                # may not reach this interpreter or tmp_path; test_engine_privileges.py tests the account.
+                engine_user="root",
                 **agent_key_settings(keys, name))
             devices = open_sim_devices(node_name=name, model=model, count=gpus, seed=i, utilization=utilization,
                                        ambient_c=25.0, start_s=time.monotonic())

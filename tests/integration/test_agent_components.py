@@ -160,8 +160,14 @@ class Link:
 
 
 @contextlib.asynccontextmanager
-async def agent_link(tmp_path: Path, gpus: int = 2) -> AsyncIterator[Link]:
-    """A real Agent with idle simulated GPUs, registered with a Link over loopback ZeroMQ."""
+async def agent_link(tmp_path: Path, gpus: int = 2, *, drop_privileges: bool = False,
+                     engine_python: str = "") -> AsyncIterator[Link]:
+    """A real Agent with idle simulated GPUs, registered with a Link over loopback ZeroMQ.
+
+    Tools run as the agent's user (engine_user "root") unless ``drop_privileges``: these tests
+    run this module's functions in the agent's own threads (``CALLS``) and import tools from
+    ``tmp_path``, which an engine account could not reach. Engine accounts: test_engine_privileges.py.
+    """
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     configure_socket(sock, router=True)
@@ -173,7 +179,8 @@ async def agent_link(tmp_path: Path, gpus: int = 2) -> AsyncIterator[Link]:
     serving = asyncio.create_task(endpoint.serve())
     settings = AgentSettings(node_name="node-0", controller=address, state_dir=tmp_path / "node-0",
                              heartbeat_interval_s=0.1, sample_interval_s=0.05, request_timeout_s=0.5,
-                             reconnect_base_s=0.05, reconnect_cap_s=0.5, metrics_enabled=False, shutdown_drain_s=1.0)
+                             reconnect_base_s=0.05, reconnect_cap_s=0.5, metrics_enabled=False, shutdown_drain_s=1.0,
+                             engine_python=engine_python, engine_user="" if drop_privileges else "root")
     devices = open_sim_devices(node_name="node-0", model="h100", count=gpus, seed=0, start_s=time.monotonic())
     link.agent = Agent(settings, devices, ctx=ctx)
     stop = asyncio.Event()

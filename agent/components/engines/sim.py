@@ -13,6 +13,10 @@ is the length of the largest list input and the slowdown is that of the executor
 its power cap and temperature (``GpuSpec.slowdown``): a capped GPU is slower, as a real one
 is, and decode-heavy work less so. Outputs come from ``sim_outputs`` and say they are simulated.
 
+A sim engine runs inside the agent, as the agent's user (root where the agent is): it is the
+agent's own code and runs no code from a catalog or a model, so unlike vLLM and tools it has
+no privileges to drop.
+
 A sim GPU that falls off the bus takes its engine down with it (exit code 1, as a CUDA
 process dies on Xid 79); ``kill`` simulates any other crash.
 """

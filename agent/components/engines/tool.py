@@ -15,6 +15,11 @@ child that dies without replying (a signal, ``os._exit``, the OOM killer) is a c
 the engine: the call fails as ``engine_failed`` (retryable on another replica) and
 ``exit_code`` reports it, so the component is marked failed and restarted.
 
+When the agent runs as root, every child runs as the unprivileged engine account
+(``agent.components.privileges``), with HOME in the component's work directory, and
+``thread`` isolation is carried out as ``subprocess`` (the component log says so): a
+thread of a root agent would run the tool as root.
+
 A :class:`agent.tools.base.ToolError` is the input's fault: ``tool_error``, not retried.
 Any other exception is a ``tool_error`` too (the tool is deterministic, another replica
 would fail alike), with the exception's type and text.
@@ -37,6 +42,7 @@ import msgpack
 
 from agent.components.engines.base import Engine, EngineContext, EngineError
 from agent.components.orphans import killpg_quietly
+from agent.components.privileges import interpreter_problem
 from agent.tools.base import ToolError
 
 IMPORT_CHECK_TIMEOUT_S = 60.0  # importing a tool's module (OpenCV, numpy) in a fresh interpreter
@@ -120,6 +126,9 @@ class ToolEngine(Engine):
         self.spec = ctx.executor.tool
         self.entry_point = self.spec.entry_point
         self.isolation = self.spec.isolation
+        self.identity = ctx.identity
+        if self.identity is not None and self.isolation == "thread":
+            self.isolation = "subprocess"  # a thread of a root agent is root: the call runs as the engine user
         self.python = ctx.python or sys.executable
         self._function: Callable[..., Any] | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -138,6 +147,8 @@ class ToolEngine(Engine):
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
+        if self.identity is not None:
+            env = self.identity.environment(env, self.ctx.work_dir)
         env.update(self.ctx.env)
         path = env.get("PYTHONPATH", "")
         env["PYTHONPATH"] = PROJECT_ROOT + (os.pathsep + path if path else "")
@@ -145,6 +156,15 @@ class ToolEngine(Engine):
         return env
 
     async def start(self) -> None:
+        if self.identity is not None:
+            problem = interpreter_problem(self.identity, self.python)
+            if problem:
+                raise EngineError("engine_failed", f"tool {self.entry_point}: {problem}; set engine_python to an "
+                                  "interpreter that account can run", retryable=False)
+        if self.isolation != self.spec.isolation:
+            self._log(f"{self.spec.isolation} isolation: each call runs in a child process as "
+                      f"{self.identity.describe() if self.identity else '?'} instead, because a thread of an "
+                      "agent running as root would run the tool as root")
         if self.isolation == "thread":
             self._function = await asyncio.to_thread(load_entry_point, self.entry_point)
             self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -263,7 +283,7 @@ class ToolEngine(Engine):
             child = await asyncio.create_subprocess_exec(
                 self.python, "-c", CHILD_SOURCE, mode, self.entry_point, stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE, stderr=log, cwd=self.ctx.work_dir, env=self._child_env(),
-                start_new_session=True)
+                start_new_session=True, **(self.identity.spawn_kwargs() if self.identity is not None else {}))
         self._children.add(child)
         try:
             data = await asyncio.wait_for(self._exchange(child, request), timeout_s)

@@ -15,6 +15,10 @@ Failures map to EngineError codes the job executor acts on: a 4xx is the input's
 (``invalid_input``, not retried); a refused or reset connection, a 5xx or a dead process is
 the engine's (``engine_failed``, retried on another replica); no answer in time is
 ``timeout``. Every request runs under the invocation's deadline, so nothing hangs.
+
+When the agent runs as root, the server runs as the unprivileged engine account
+(``EngineContext.identity``) with HOME in the component's work directory, where its
+caches go; the model must be readable to that account and is never written.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -38,6 +43,7 @@ import psutil
 from agent.components.engines.base import Engine, EngineContext, EngineError
 from agent.components.orphans import LinuxProc, killpg_quietly
 from agent.components.paths import ModelPathError, expand_model_path
+from agent.components.privileges import interpreter_problem
 
 HEALTH_TIMEOUT_S = 2.0
 KILL_WAIT_S = 10.0  # after SIGKILL, how long to wait for the kernel to reap the process
@@ -96,6 +102,8 @@ def build_env(ctx: EngineContext, base: dict[str, str] | None = None) -> dict[st
     """
     spec = ctx.executor.vllm
     env = dict(os.environ if base is None else base)
+    if ctx.identity is not None:  # HOME (vLLM, Hugging Face and Triton caches) in the engine's own work dir
+        env = ctx.identity.environment(env, ctx.work_dir)
     if spec is not None:
         env.update(spec.env)
     env.update(ctx.env)
@@ -277,6 +285,17 @@ class VllmEngine(Engine):
         if (self.model_path != spec.model or os.path.isabs(self.model_path)) and not os.path.exists(self.model_path):
             raise EngineError("engine_failed", f"executor {self.ctx.executor.name!r}: model path {self.model_path} "
                               f"(from {spec.model!r}) does not exist on this host", retryable=False)
+        identity = self.ctx.identity
+        problem = interpreter_problem(identity, self.ctx.python or sys.executable) if identity is not None else None
+        if problem:
+            raise EngineError("engine_failed", f"executor {self.ctx.executor.name!r}: {problem}; set engine_python "
+                              "to an interpreter that account can run", retryable=False)
+        if identity is not None and os.path.exists(self.model_path):
+            blocked = identity.blocked_at(Path(self.model_path), 4)
+            if blocked:
+                raise EngineError("engine_failed", f"executor {self.ctx.executor.name!r}: the engine runs as "
+                                  f"{identity.user}, who cannot read model path {self.model_path}: {blocked}; "
+                                  "make the model readable to it (models stay read-only)", retryable=False)
         self.command = build_command(self.ctx, self.model_path)
         env = build_env(self.ctx)
         self.ctx.work_dir.mkdir(parents=True, exist_ok=True)
@@ -288,7 +307,8 @@ class VllmEngine(Engine):
             try:
                 self._proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=log,
                                               stderr=subprocess.STDOUT, cwd=self.ctx.work_dir, env=env,
-                                              start_new_session=True)
+                                              start_new_session=True,
+                                              **(identity.spawn_kwargs() if identity is not None else {}))
             except OSError as exc:
                 raise EngineError("engine_failed", f"cannot start vLLM ({self.command[0]}): {exc}",
                                   retryable=False) from exc
@@ -328,7 +348,9 @@ class VllmEngine(Engine):
         may outlive a crashed server), or None when nothing runs.
 
         Proportional set size where Linux reports it: summing RSS would count the shared
-        torch libraries once per process and overstate an engine by about half.
+        torch libraries once per process and overstate an engine by about half. Where the kernel
+        refuses the agent another account's smaps_rollup (a ptrace access check; the systemd
+        unit grants no CAP_SYS_PTRACE), it falls back to RSS.
         """
         if self._proc is None or self._group_reaped:
             return None
