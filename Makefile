@@ -51,7 +51,7 @@ demo: install engines system-packages
 	@$(VENV)/bin/murakkabctl cluster down --state-dir $(DEMO_DIR) >/dev/null 2>&1 || true
 	$(VENV)/bin/murakkabctl cluster up --state-dir $(DEMO_DIR) --sim-nodes 2 --gpus-per-node 4 --gpu-model h100 \
 	  --cpu-node --sim-utilization 0.0 --model-dir $(abspath $(MODEL_DIR))
-	@export MURAKKAB_CONTROLLER=$$(cat $(DEMO_DIR)/controller.addr); \
+	@. $(DEMO_DIR)/env; \
 	  set -e; trap '$(VENV)/bin/murakkabctl cluster down --state-dir $(DEMO_DIR)' EXIT; \
 	  ./examples/demo.sh
 

@@ -18,6 +18,11 @@ class AgentSettings(BaseModel):
     node_name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=253,
                            pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     controller: str = "tcp://127.0.0.1:7500"
+    key_file: Path = Field(Path("/etc/murakkab/keys/agent.key_secret"),
+                           description="this node's CurveZMQ secret key ('murakkabctl keys issue --node NAME')")
+    controller_key_file: Path = Field(Path("/etc/murakkab/keys/controller.key"),
+                                      description="the controller's public key")
+    insecure: bool = Field(False, description="plaintext to a controller with insecure = true (logged at start)")
     state_dir: Path = Path("/var/lib/murakkab/agent")
     heartbeat_interval_s: float = Field(1.0, gt=0, le=60)
     sample_interval_s: float = Field(1.0, gt=0, le=60)

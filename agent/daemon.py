@@ -35,6 +35,8 @@ from common.protocol import (
     DeviceTelemetry, ErrorReply, Heartbeat, HeartbeatAck, InvocationResult, Invoke, Register, RegisterAccepted,
     ReregisterRequired, SetPowerLimit, StartComponent, StopComponent, build_dispatch,
 )
+from common.security.curve import ClientCredentials, apply_client, load_client_credentials
+from common.security.handshakes import HANDSHAKE_EVENTS, ClientHandshakes
 from common.systemd_notify import Notifier, watchdog_loop
 from common.transport import RemoteError, RequestTimeout, RpcEndpoint, backoff_delays, configure_socket
 from common.workflow.catalog import ExecutorSpec
@@ -45,6 +47,7 @@ log = logging.getLogger("murakkab.agent")
 # this long without one (with a STATUS saying it is still trying): a controller outage at boot must not fail
 # every agent unit's start. systemd/murakkab-agent.service's TimeoutStartSec= is this plus a margin.
 READY_WITHOUT_CONTROLLER_S = 60.0
+RECONNECT_AFTER_TIMEOUTS = 3  # registration attempts without an answer before the agent makes a new connection
 
 
 def next_generation(state_dir: Path) -> int:
@@ -118,6 +121,11 @@ class Agent:
                  rng: random.Random | None = None, notifier: Notifier | None = None,
                  ready_without_controller_s: float = READY_WITHOUT_CONTROLLER_S) -> None:
         self.settings = settings
+        # CurveZMQ to the controller unless insecure = true; a missing or malformed key file raises KeyFileError
+        self.credentials: ClientCredentials | None = None if settings.insecure else load_client_credentials(
+            settings.key_file, settings.controller_key_file, key_what="key_file", server_what="controller_key_file")
+        self.handshakes = ClientHandshakes()
+        self._explained: str | None = None
         # systemd readiness and watchdog (a no-op when not started by a Type=notify unit); reading the
         # environment removes NOTIFY_SOCKET and WATCHDOG_*, so the engines started later do not inherit them
         self.notifier = notifier if notifier is not None else Notifier.from_environment()
@@ -198,6 +206,12 @@ class Agent:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, self.settings.node_name.encode())
         configure_socket(sock, router=False)
+        if self.credentials is not None:
+            apply_client(sock, self.credentials)
+        else:
+            log.warning("insecure = true: talking to %s in plaintext, without authentication",
+                        self.settings.controller)
+        self._monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
         sock.connect(self.settings.controller)
         self.endpoint = RpcEndpoint(
             sock, router=False, name=f"agent {self.settings.node_name}",
@@ -227,6 +241,8 @@ class Agent:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            sock.disable_monitor()
+            self._monitor.close(linger=0)
             self.endpoint.close()
             for device in self.devices.values():
                 device.close()
@@ -244,12 +260,16 @@ class Agent:
             node_name=self.settings.node_name, hostname=socket.gethostname(), generation=self.generation,
             agent_version=__version__, devices=tuple(d.info for d in self.devices.values()), host=self.host,
             labels=dict(self.settings.labels))
+        timeouts = 0
         while True:
             try:
                 reply = await self.endpoint.request(message, timeout_s=self.settings.request_timeout_s)
             except RequestTimeout:
                 self.metrics.registrations.labels("timeout").inc()
-                log.info("registration with %s timed out; retrying", self.settings.controller)
+                timeouts += 1
+                log.info("registration with %s timed out; retrying%s", self.settings.controller, self._why_no_reply())
+                if timeouts % RECONNECT_AFTER_TIMEOUTS == 0:
+                    self._reconnect()
                 self.notifier.status(f"registering with {self.settings.controller}: no answer yet; retrying")
             except RemoteError as exc:
                 self.metrics.registrations.labels(exc.code).inc()
@@ -266,6 +286,31 @@ class Agent:
                     return
                 log.error("unexpected reply to register: %s", reply.op)
             await asyncio.sleep(next(delays))
+
+    def _why_no_reply(self) -> str:
+        """What the socket monitor saw, said once per distinct reason (a refused key, a wrong server key)."""
+        self.handshakes.read(self._monitor)
+        why = self.handshakes.explain(key_source=f"key_file {self.settings.key_file}",
+                                      server_key_source=f"controller_key_file {self.settings.controller_key_file}",
+                                      secure=self.credentials is not None)
+        if why is None or why == self._explained:
+            return ""
+        self._explained = why
+        return f" ({why})"
+
+    def _reconnect(self) -> None:
+        """Drop the connection and make a new one.
+
+        Under CURVE the controller does not let a new connection take over a connected node's
+        identity, so if it still holds this node's previous connection (a half-open one after a
+        network fault) this one is never heard; a fresh connection is, once that one is gone.
+        """
+        assert self.endpoint is not None
+        try:
+            self.endpoint.sock.disconnect(self.settings.controller)
+        except zmq.ZMQError:
+            pass
+        self.endpoint.sock.connect(self.settings.controller)
 
     def _registered(self, epoch: int) -> None:
         text = f"registered as {self.settings.node_name} generation {self.generation} with controller epoch {epoch}"

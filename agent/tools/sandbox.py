@@ -293,7 +293,10 @@ def _layout_choices() -> tuple[tuple[str, int, str], list[Layout]]:
 
     A root caller first runs bwrap as uid 65534, so that nothing inside is root even outside the
     namespaces; where that uid cannot reach the interpreter, bwrap runs as root (uid 65534 inside,
-    root outside, without /proc) and the layout's ``note`` and a warning say why.
+    root outside, without /proc) and the layout's ``note`` and a warning say why. Each layout with
+    /proc has a fallback without it: inside a hardened systemd unit (``ProtectKernelTunables=``
+    over-mounts /proc/sys) the kernel refuses a new proc mount in a user namespace, and a sandbox
+    without /proc still contains the candidate.
     """
     name = os.environ.get(BWRAP_ENV) or "bwrap"
     path = shutil.which(name)
@@ -306,8 +309,13 @@ def _layout_choices() -> tuple[tuple[str, int, str], list[Layout]]:
         raise SandboxUnavailable(_unavailable(str(exc))) from None
     python, binds = bwrap.interpreter_view()
     root = os.geteuid() == 0
-    choices = [Layout(path, python, binds, bwrap.SANDBOX_UID, True)] if root else []
-    choices.append(Layout(path, python, binds, None, not root))
+    preferred = [Layout(path, python, binds, bwrap.SANDBOX_UID, True)] if root else []
+    preferred.append(Layout(path, python, binds, None, not root))
+    choices = []
+    for layout in preferred:
+        choices.append(layout)
+        if layout.mount_proc:
+            choices.append(dataclasses.replace(layout, mount_proc=False))
     return (path, os.geteuid(), python), choices
 
 
@@ -339,8 +347,9 @@ def _run_contained(code: str, tests: str, limits: list[list[Any]], timeout_s: fl
             continue
         if any(event.get("event") == "start" for event in run.events):
             if reasons:
-                layout = dataclasses.replace(layout, note=f"as uid {layout.outside_uid} outside the namespaces, "
-                                                          f"without /proc, because {reasons[0]}")
+                without_proc = "" if layout.mount_proc else ", without /proc"
+                layout = dataclasses.replace(layout, note=f"as uid {layout.outside_uid} outside the namespaces"
+                                                          f"{without_proc}, because {reasons[0]}")
                 logger.warning("code sandbox: bubblewrap runs candidates %s; make the interpreter %s readable by "
                                "uid %d for the stronger mode", layout.note, layout.python, bwrap.SANDBOX_UID)
             _layouts[key] = layout

@@ -180,6 +180,7 @@ async def agent_link(tmp_path: Path, gpus: int = 2, *, drop_privileges: bool = F
     settings = AgentSettings(node_name="node-0", controller=address, state_dir=tmp_path / "node-0",
                              heartbeat_interval_s=0.1, sample_interval_s=0.05, request_timeout_s=0.5,
                              reconnect_base_s=0.05, reconnect_cap_s=0.5, metrics_enabled=False, shutdown_drain_s=1.0,
+                             insecure=True,  # the test controller is a plain ROUTER
                              engine_python=engine_python, engine_user="" if drop_privileges else "root")
     devices = open_sim_devices(node_name="node-0", model="h100", count=gpus, seed=0, start_s=time.monotonic())
     link.agent = Agent(settings, devices, ctx=ctx)
