@@ -35,7 +35,7 @@ $(TINY_MODEL): $(ENGINES_STAMP)
 engines: $(ENGINES_STAMP) $(TINY_MODEL)
 
 # Debian packages the tests and the demo need, as package:command (installed when the command is missing).
-SYSTEM_PACKAGES := bubblewrap:bwrap
+SYSTEM_PACKAGES := bubblewrap:bwrap mosquitto:mosquitto mosquitto-clients:mosquitto_pub prometheus:promtool
 
 system-packages:
 	@missing=""; for entry in $(SYSTEM_PACKAGES); do \
