@@ -30,8 +30,8 @@ from common.protocol import ErrorReply
 from controller.fleet_view import fleet_hardware, node_states
 from policies.autopilot.engine import Autopilot, AutopilotConfig
 from policies.autopilot.events import (
-    Action, BudgetSet, ComponentsObserved, DesiredChanged, Event, FleetObserved, InputsChanged, LoadObserved, Note,
-    PinCleared, PinSet, PowerLimitsChanged, Refused, RoutingChanged, Solve, Solved, Tick,
+    Action, BudgetSet, ComponentsObserved, CoolingSet, DesiredChanged, Event, FleetObserved, GridSet, InputsChanged,
+    LoadObserved, Note, PinCleared, PinSet, PowerLimitsChanged, Refused, RoutingChanged, Solve, Solved, Tick,
 )
 from policies.autopilot.planning import (
     CAP_FRACTIONS, EpochPolicy, MurakkabPolicy, PlanningInputs, StaticPolicy,
@@ -96,6 +96,8 @@ class AutopilotSettings:
     rack_power_budget_w: dict[str, float] = field(default_factory=dict)
     fleet_interval_s: float = 1.0
     time_limit_s: float = 4.0
+    grid_objective: bool = False
+    carbon_price_usd_per_tonne: float = 0.0
 
 
 def solve(problem: Any) -> Solution:
@@ -130,7 +132,8 @@ class AutopilotShell:
                                      heat_migrate_after_s=settings.heat_migrate_after_s),
             limits=PlacementLimits(),
             warm_floor_rps=WARM_FLOOR_RPS, cluster_power_budget_w=settings.cluster_power_budget_w,
-            rack_power_budget_w=dict(settings.rack_power_budget_w)), build_planning(settings, inputs))
+            rack_power_budget_w=dict(settings.rack_power_budget_w), grid_objective=settings.grid_objective,
+            carbon_price_usd_per_tonne=settings.carbon_price_usd_per_tonne), build_planning(settings, inputs))
         self.decisions = MetricCounter("murakkab_autopilot_decisions", "Autopilot decisions, by kind.", ["kind"],
                                        registry=self.c.metrics_registry)
         self.recent: deque[dict[str, Any]] = deque(maxlen=EVENTS_IN_MEMORY)
@@ -182,6 +185,16 @@ class AutopilotShell:
         if error is None:
             self.save_state()
         return error
+
+    def set_rack_cooling(self, rack: str, state: str, inlet_c: float | None,
+                         source: str = "facility") -> ErrorReply | None:
+        """A facility's cooling report for a rack (``ok``, ``degraded``, ``failed``): caps and placement follow."""
+        return self._feed(CoolingSet(self.c.clock(), rack, state, inlet_c, source))
+
+    def set_grid(self, price_usd_per_mwh: float, carbon_g_per_kwh: float,
+                 source: str = "facility") -> ErrorReply | None:
+        """The grid's price and carbon intensity; they enter the plan's objective where ``grid_objective`` is on."""
+        return self._feed(GridSet(self.c.clock(), price_usd_per_mwh, carbon_g_per_kwh, source))
 
     def budget_view(self) -> dict[str, Any]:
         return self.autopilot.reactions.budget_view()

@@ -59,6 +59,9 @@ class ControllerSettings(BaseModel):
                                         description="a GPU still hot this long after its cap came down is evacuated")
     cluster_power_budget_w: float | None = Field(None, gt=0, le=1e9, description="measured GPU power bound")
     rack_power_budget_w: dict[str, float] = Field(default_factory=dict, description="rack label -> W")
+    grid_price_objective: bool = Field(False, description="autopilot: the facility's grid price (and carbon, at "
+                                                          "carbon_price_usd_per_tonne) weighs energy in the plan")
+    carbon_price_usd_per_tonne: float = Field(0.0, ge=0, le=100_000)
     start_failure_limit: int = Field(
         3, ge=1, le=100, description="a component reported failed this many times in a row (never ready in between) "
                                      "makes its executor avoid that node for avoid_node_s")

@@ -87,6 +87,8 @@ class Controller:
                 heat_migrate_after_s=settings.heat_migrate_after_s,
                 cluster_power_budget_w=settings.cluster_power_budget_w,
                 rack_power_budget_w=dict(settings.rack_power_budget_w),
+                grid_objective=settings.grid_price_objective,
+                carbon_price_usd_per_tonne=settings.carbon_price_usd_per_tonne,
                 fleet_interval_s=settings.heartbeat_interval_s),
             start_failure_limit=settings.start_failure_limit, avoid_node_s=settings.avoid_node_s))
         self.profiler = ProfilerService(self)

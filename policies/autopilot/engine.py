@@ -20,17 +20,18 @@ on a worker thread; the simulator and tests solve inline.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from policies.autopilot.events import (
-    Action, BudgetSet, ComponentsObserved, DesiredChanged, Event, FleetObserved, InputsChanged, LoadObserved, Note,
-    PinCleared, PinSet, PowerLimitsChanged, Refused, RoutingChanged, Solve, Solved, Tick,
+    Action, BudgetSet, ComponentsObserved, CoolingSet, DesiredChanged, Event, FleetObserved, GridSet, InputsChanged,
+    LoadObserved, Note, PinCleared, PinSet, PowerLimitsChanged, Refused, RoutingChanged, Solve, Solved, Tick,
 )
 from policies.autopilot.explain import explain
 from policies.autopilot.planning import ClusterState, Decision, PlanningPolicy, SolveNeeded
-from policies.autopilot.reactions import ReactionConfig, Reactions, budget_error
+from policies.autopilot.reactions import COOLING_STATES, ReactionConfig, Reactions, budget_error
 from policies.autopilot.rollout import Rollout
 from policies.model import HardwareType, InstanceConfig, Solution
 from policies.placement import NodeState, PlacementLimits, PlacementResult, component_config, place
@@ -50,6 +51,11 @@ class AutopilotConfig:
     warm_floor_rps: float | None = None  # plan wanted demands for at least this rate (a live daemon keeps warm pools)
     cluster_power_budget_w: float | None = None
     rack_power_budget_w: Mapping[str, float] = field(default_factory=dict)
+    # Grid signals in the objective: the energy objective then weighs instance prices against energy at the
+    # grid's price plus carbon at this price per tonne (off: grid messages are recorded, plans ignore them).
+    grid_objective: bool = False
+    carbon_price_usd_per_tonne: float = 0.0
+    grid_replan_change: float = 0.1  # replan when the weight moved by more than this share since the last plan
 
     def __post_init__(self) -> None:
         if self.warm_floor_rps is not None and not self.warm_floor_rps > 0:
@@ -86,6 +92,9 @@ class Autopilot:
         self._changed_workflows: set[str] = set()  # redefined since the routed plan: admitted with the newest plan
         self._dirty = False  # something limits or weights depend on changed since they were last emitted
         self.solve_seconds: list[float] = []
+        self.grid: tuple[float, float] | None = None  # the latest (USD/MWh, g CO2/kWh) from the facility
+        if config.carbon_price_usd_per_tonne < 0 or not 0 <= config.grid_replan_change < 1:
+            raise ValueError("carbon_price_usd_per_tonne must be >= 0 and grid_replan_change within [0, 1)")
         for rack, watts in config.rack_power_budget_w.items():
             self.reactions.set_budget(rack, watts, "config")
         if config.cluster_power_budget_w is not None:
@@ -112,6 +121,10 @@ class Autopilot:
                 self._budget(event, out)
             case PinSet() | PinCleared():
                 self._pin(event, out)
+            case CoolingSet():
+                self._cooling(event, out)
+            case GridSet():
+                self._grid(event, out)
             case Tick():
                 self._switch(event.now_s, out)
             case _:
@@ -144,7 +157,7 @@ class Autopilot:
 
     def _react(self, now_s: float, out: list[Action]) -> list[str]:
         """Heat and budget control loops on the latest fleet; returns the GPUs whose evacuation started or ended."""
-        if not (self.config.reactions.heat or self.reactions.budgets):
+        if not (self.config.reactions.heat or self.reactions.budgets or self.reactions.cooling):
             return []
         self._dirty = True
         notes = self.reactions.observe(now_s, self.nodes, self._cut_rank(), self.config.limits.rack_label)
@@ -240,6 +253,56 @@ class Autopilot:
             self._react(ev.now_s, out)  # caps follow on the latest telemetry, not at the next heartbeat
         self._ask_solve(ev.now_s, f"{scope} budget {text}", out)
 
+    def _cooling(self, ev: CoolingSet, out: list[Action]) -> None:
+        label = self.config.limits.rack_label
+        racks = {n.labels[label] for n in self.nodes if label in n.labels} | set(self.reactions.cooling)
+        if ev.state not in COOLING_STATES:
+            out.append(Refused("invalid_cooling", f"cooling state {ev.state!r}: one of {', '.join(COOLING_STATES)}"))
+            return
+        if ev.rack not in racks:
+            out.append(Refused("invalid_cooling", f"no node is in rack {ev.rack!r} (racks come from the node label "
+                                                  f"{label!r}; known: {', '.join(sorted(racks)) or 'none'})"))
+            return
+        before = self.reactions.cooling.get(ev.rack)
+        was_failed = before is not None and before.state == "failed"
+        if not self.reactions.set_cooling(ev.now_s, ev.rack, ev.state, ev.inlet_c, ev.source):
+            return  # the same state again (facilities repeat themselves): nothing new to do
+        inlet = f", inlet {ev.inlet_c:g} C" if ev.inlet_c is not None else ""
+        what = {"ok": "caps and placement back to normal",
+                "degraded": "GPU caps lowered in the rack, new work shifted away from it",
+                "failed": "GPU caps lowered, its components move out, the plan is made without its GPUs "
+                          "(lowest tiers shed first where capacity runs short)"}[ev.state]
+        out.append(Note(ev.now_s, "cooling", f"rack {ev.rack}", f"{ev.source}: cooling {ev.state}{inlet}: {what}",
+                        {"state": ev.state, "inlet_c": ev.inlet_c}))
+        self._dirty = True
+        if self.nodes:
+            self._react(ev.now_s, out)
+        if (ev.state == "failed") != was_failed and self.policy.solution is not None:
+            self._replace(ev.now_s, f"rack {ev.rack} cooling {ev.state}", out)
+            self._ask_solve(ev.now_s, f"rack {ev.rack} cooling {ev.state}", out)
+
+    def _grid(self, ev: GridSet, out: list[Action]) -> None:
+        if not (math.isfinite(ev.price_usd_per_mwh) and math.isfinite(ev.carbon_g_per_kwh)
+                and ev.price_usd_per_mwh >= 0 and ev.carbon_g_per_kwh >= 0):
+            out.append(Refused("invalid_grid", "grid price and carbon intensity must be finite and not negative"))
+            return
+        self.grid = (ev.price_usd_per_mwh, ev.carbon_g_per_kwh)
+        if not self.config.grid_objective:
+            return
+        # USD per MWh of energy, carbon priced in: g/kWh x USD/t = USD/MWh / 1000.
+        effective = ev.price_usd_per_mwh + ev.carbon_g_per_kwh * self.config.carbon_price_usd_per_tonne / 1000.0
+        weight = 1e6 / effective if effective > 0 else 0.0  # W per USD/h: 1 USD/h buys 1e6/price W of energy
+        old = self.policy.inputs.price_weight_w
+        if old > 0 and abs(weight - old) <= self.config.grid_replan_change * old:
+            return
+        self.policy.inputs = replace(self.policy.inputs, price_weight_w=weight)
+        out.append(Note(ev.now_s, "grid", "cluster", (
+            f"{ev.source}: energy at {ev.price_usd_per_mwh:g} USD/MWh and {ev.carbon_g_per_kwh:g} g CO2/kWh "
+            f"({effective:.1f} USD/MWh with carbon): instance prices weigh {weight:.0f} W per USD/h in the plan"),
+            {"price_usd_per_mwh": ev.price_usd_per_mwh, "carbon_g_per_kwh": ev.carbon_g_per_kwh,
+             "price_weight_w": weight}))
+        self._ask_solve(ev.now_s, "grid price changed", out)
+
     def _pin(self, ev: PinSet | PinCleared, out: list[Action]) -> None:
         key = (ev.node, ev.device_index)
         self._dirty = True
@@ -271,7 +334,16 @@ class Autopilot:
 
     def _state(self) -> ClusterState:
         load = self.load
-        return ClusterState(hardware=dict(self.hardware), devices_available=dict(self.devices_available),
+        available = dict(self.devices_available)
+        for rack in self.reactions.cooling.values():  # a rack whose cooling failed holds no plan
+            if rack.state != "failed":
+                continue
+            for node_name, index in rack.devices:
+                node = self._by_name.get(node_name)
+                dev = next((d for d in node.devices if d.index == index), None) if node is not None else None
+                if dev is not None and available.get(dev.hardware, 0) > 0:
+                    available[dev.hardware] -= 1
+        return ClusterState(hardware=dict(self.hardware), devices_available=available,
                             instances=dict(load.instances) if load else {},
                             utilization=dict(load.utilization) if load else {},
                             peak_rates=dict(load.peak_rates) if load and load.peak_rates is not None else None)

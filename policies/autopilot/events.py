@@ -105,6 +105,28 @@ class PinCleared:
 
 
 @dataclass(frozen=True)
+class CoolingSet:
+    """A facility reports a rack's cooling: ``ok``, ``degraded`` (caps come down in the rack) or ``failed``
+    (caps come down and its GPUs are evacuated: their components move out, the plan is made without them)."""
+
+    now_s: float
+    rack: str
+    state: str
+    inlet_c: float | None = None
+    source: str = "facility"
+
+
+@dataclass(frozen=True)
+class GridSet:
+    """The utility's price and carbon intensity now; they weigh energy in the plan where the operator enabled it."""
+
+    now_s: float
+    price_usd_per_mwh: float
+    carbon_g_per_kwh: float
+    source: str = "facility"
+
+
+@dataclass(frozen=True)
 class Tick:
     """Time passes: heat timers, rollout timeouts and the budget control loop are checked."""
 
@@ -112,7 +134,7 @@ class Tick:
 
 
 Event = (FleetObserved | LoadObserved | InputsChanged | Solved | ComponentsObserved | BudgetSet | PinSet
-         | PinCleared | Tick)
+         | PinCleared | CoolingSet | GridSet | Tick)
 
 
 # --- actions -------------------------------------------------------------------------------------

@@ -16,8 +16,14 @@
   what its scope draws at the lowest caps is infeasible: it is reported (``BudgetView.feasible``) and
   met as far as the caps go; the next plans are made within the budget (``Problem.budgets.power_w``
   for the cluster, placement's rack budgets), which sheds the demands the MILP cannot fit.
-- **Pins.** An operator's power limit on a device stands until it is unpinned: heat and budget caps
-  leave it alone and the plan's limits never overwrite it.
+- **Rack cooling** (a facility's report). ``degraded``: every GPU in the rack is capped at
+  ``cooling_degraded_cap_fraction`` of its maximum limit and takes ``heat_weight`` of its share of new
+  work. ``failed``: capped at ``cooling_failed_cap_fraction`` and evacuated at once, without waiting
+  for temperatures (the room heats faster than the GPUs report it): its components move out and the
+  plan is made without its GPUs, so where capacity runs short the MILP sheds demands, lowest tiers
+  first. ``ok`` lifts both.
+- **Pins.** An operator's power limit on a device stands until it is unpinned: heat, cooling and budget
+  caps leave it alone and the plan's limits never overwrite it.
 
 Pure: telemetry and time come in as arguments; nothing here reads a clock.
 """
@@ -51,6 +57,8 @@ class ReactionConfig:
     budget_release_fraction: float = 0.9
     budget_release_after_s: float = 30.0  # measured power must stay under the release fraction this long first
     budget_release_step: float = 0.05  # of a device's max limit, per interval
+    cooling_degraded_cap_fraction: float = 0.8  # of the max limit, for every GPU of a rack whose cooling degraded
+    cooling_failed_cap_fraction: float = 0.6  # of the max limit, while the rack is evacuated
 
     def __post_init__(self) -> None:
         if not 0.0 < self.heat_cap_fraction <= 1.0 or not 0.0 <= self.heat_weight <= 1.0:
@@ -58,6 +66,8 @@ class ReactionConfig:
         if min(self.heat_margin_c, self.heat_migrate_after_s, self.heat_cool_after_s, self.heat_hysteresis_c,
                self.budget_interval_s, self.budget_margin, self.budget_release_after_s) < 0:
             raise ValueError("heat and budget settings must not be negative")
+        if not (0.0 < self.cooling_failed_cap_fraction <= self.cooling_degraded_cap_fraction <= 1.0):
+            raise ValueError("need 0 < cooling_failed_cap_fraction <= cooling_degraded_cap_fraction <= 1")
         if not 0.0 < self.budget_release_fraction < 1.0 or not 0.0 < self.budget_release_step <= 1.0:
             raise ValueError("budget_release_fraction must be within (0, 1), budget_release_step within (0, 1]")
 
@@ -82,6 +92,19 @@ class _Budget:
     feasible: bool = True
     over_since_s: float | None = None
     under_since_s: float | None = None  # measured below the release fraction since
+
+
+COOLING_STATES = ("ok", "degraded", "failed")
+
+
+@dataclass
+class RackCooling:
+    state: str
+    inlet_c: float | None
+    since_s: float
+    source: str
+    caps_w: dict[DeviceKey, float] = field(default_factory=dict)
+    devices: frozenset[DeviceKey] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -116,8 +139,20 @@ class Reactions:
         self.hot: dict[DeviceKey, HotDevice] = {}
         self.budgets: dict[str | None, _Budget] = {}  # None: the cluster
         self.pins: dict[DeviceKey, float] = {}
+        self.cooling: dict[str, RackCooling] = {}  # racks whose cooling is not ok
 
     # --- operator input ---------------------------------------------------------------------
+
+    def set_cooling(self, now_s: float, rack: str, state: str, inlet_c: float | None, source: str) -> bool:
+        """Record a rack's cooling; True when its state changed (evacuation may start or end)."""
+        before = self.cooling.get(rack)
+        if state == "ok":
+            return self.cooling.pop(rack, None) is not None
+        if before is not None and before.state == state:
+            before.inlet_c, before.source = inlet_c, source
+            return False
+        self.cooling[rack] = RackCooling(state, inlet_c, now_s, source)
+        return True
 
     def set_budget(self, rack: str | None, watts: float | None, source: str) -> None:
         if watts is None:
@@ -138,6 +173,7 @@ class Reactions:
         devices: list[tuple[NodeState, DeviceState]] = [(n, d) for n in nodes for d in n.devices if d.kind == "gpu"]
         if self.config.heat:
             self._heat(now_s, devices, notes)
+        self._cooling(devices, rack_label)
         for scope, budget in sorted(self.budgets.items(), key=lambda kv: (kv[0] is not None, kv[0] or "")):
             in_scope = [(n, d) for n, d in devices if scope is None or n.labels.get(rack_label) == scope]
             self._budget(now_s, scope, budget, in_scope, rank, notes)
@@ -187,6 +223,21 @@ class Reactions:
                                           f"cool for {c.heat_cool_after_s:g} s: takes components again"))
         for key in [k for k in self.hot if k not in seen]:  # the node left the fleet
             del self.hot[key]
+
+    def _cooling(self, devices: list[tuple[NodeState, DeviceState]], rack_label: str) -> None:
+        """Caps (and, for a failed rack, the evacuated set) for the GPUs in racks whose cooling is not ok."""
+        c = self.config
+        for rack, cooling in self.cooling.items():
+            fraction = c.cooling_failed_cap_fraction if cooling.state == "failed" else c.cooling_degraded_cap_fraction
+            in_rack = [(n, d) for n, d in devices if n.labels.get(rack_label) == rack]
+            cooling.devices = frozenset((n.name, d.index) for n, d in in_rack)
+            cooling.caps_w = {}
+            for node, dev in in_rack:
+                key = (node.name, dev.index)
+                top = dev.power_limit_max_w if dev.power_limit_max_w is not None else dev.power_limit_w
+                if key in self.pins or top is None:
+                    continue
+                cooling.caps_w[key] = max(dev.power_limit_min_w or 0.0, top * fraction)
 
     def _budget(self, now_s: float, scope: str | None, budget: _Budget, devices: list[tuple[NodeState, DeviceState]],
                 rank: Mapping[DeviceKey, int], notes: list[ReactionNote]) -> None:
@@ -269,8 +320,8 @@ class Reactions:
         for key, hot in self.hot.items():
             if hot.cap_w is not None:
                 caps[key] = hot.cap_w
-        for budget in self.budgets.values():
-            for key, cap in budget.caps_w.items():
+        for holder in (*self.budgets.values(), *self.cooling.values()):
+            for key, cap in holder.caps_w.items():
                 caps[key] = min(cap, caps.get(key, math.inf))
         for key, cap in caps.items():
             result[key] = min(cap, result.get(key, math.inf))
@@ -278,12 +329,15 @@ class Reactions:
         return {k: round(v, 1) for k, v in result.items()}
 
     def evacuated(self) -> frozenset[DeviceKey]:
-        """Hot GPUs placement must not use: their components move away."""
-        return frozenset(k for k, h in self.hot.items() if h.evacuated)
+        """Hot GPUs, and those of racks whose cooling failed, placement must not use: their components move away."""
+        failed = [c.devices for c in self.cooling.values() if c.state == "failed"]
+        return frozenset(k for k, h in self.hot.items() if h.evacuated).union(*failed)
 
     def weight(self, node: str, device_indexes: Iterable[int]) -> float:
-        """A component's share of new work: less on a hot GPU."""
-        return self.config.heat_weight if any((node, i) in self.hot for i in device_indexes) else 1.0
+        """A component's share of new work: less on a hot GPU or in a rack whose cooling is not ok."""
+        cooled = frozenset().union(*(c.devices for c in self.cooling.values()))
+        hot = any((node, i) in self.hot or (node, i) in cooled for i in device_indexes)
+        return self.config.heat_weight if hot else 1.0
 
     def budget_view(self) -> dict[str, Any]:
         """``power budget show``: each budget with its measured draw, floor and the caps it holds."""
@@ -298,4 +352,8 @@ class Reactions:
                 "hot_gpus": [{"node": n, "device": i, "since_s": h.since_s, "reason": h.reason,
                               "evacuated": h.evacuated, "power_limit_w": h.cap_w}
                              for (n, i), h in sorted(self.hot.items())],
-                "pins": [{"node": n, "device": i, "power_limit_w": w} for (n, i), w in sorted(self.pins.items())]}
+                "pins": [{"node": n, "device": i, "power_limit_w": w} for (n, i), w in sorted(self.pins.items())],
+                "cooling": [{"rack": r, "state": c.state, "inlet_c": c.inlet_c, "since_s": c.since_s,
+                             "source": c.source, "gpus": len(c.devices),
+                             "caps_w": {f"{n}/{i}": round(w, 1) for (n, i), w in sorted(c.caps_w.items())}}
+                            for r, c in sorted(self.cooling.items())]}
