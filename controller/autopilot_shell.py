@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -137,6 +137,8 @@ class AutopilotShell:
         self.decisions = MetricCounter("murakkab_autopilot_decisions", "Autopilot decisions, by kind.", ["kind"],
                                        registry=self.c.metrics_registry)
         self.recent: deque[dict[str, Any]] = deque(maxlen=EVENTS_IN_MEMORY)
+        # called with each event dict as it is recorded (the MQTT events topic); one that raises is logged
+        self.event_observers: list[Callable[[dict[str, Any]], None]] = []
         self.weights: dict[str, float] = {}
         self.power_limits: dict[tuple[str, int], float] = {}
         self._arrivals: Counter[Demand] = Counter()
@@ -180,8 +182,9 @@ class AutopilotShell:
 
     # --- the admin API ----------------------------------------------------------------------------
 
-    def set_budget(self, rack: str | None, power_budget_w: float | None) -> ErrorReply | None:
-        error = self._feed(BudgetSet(self.c.clock(), rack, power_budget_w))
+    def set_budget(self, rack: str | None, power_budget_w: float | None,
+                   source: str = "operator") -> ErrorReply | None:
+        error = self._feed(BudgetSet(self.c.clock(), rack, power_budget_w, source))
         if error is None:
             self.save_state()
         return error
@@ -408,8 +411,14 @@ class AutopilotShell:
         seq = int(cursor.lastrowid or 0)
         if seq % 1000 == 0:
             self.db.execute("DELETE FROM autopilot_events WHERE seq <= ?", (seq - MAX_EVENTS_KEPT,))
-        self.recent.append({"seq": seq, "at_unix_s": at, "kind": note.kind, "subject": note.subject,
-                            "reason": note.reason, "details": details})
+        event = {"seq": seq, "at_unix_s": at, "kind": note.kind, "subject": note.subject, "reason": note.reason,
+                 "details": details}
+        self.recent.append(event)
+        for observer in list(self.event_observers):
+            try:
+                observer(event)
+            except Exception:
+                log.exception("an autopilot event observer failed")
 
     async def close(self) -> None:
         if self._solve_task is not None:
