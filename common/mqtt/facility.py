@@ -8,7 +8,7 @@ Inbound (a facility's BMS / DCIM publishes, the controller subscribes):
 - ``PREFIX/facility/racks/RACK/cooling``: ``{"state": "ok" | "degraded" | "failed", "inlet_c": T}``, the rack's
   cooling state and its inlet air temperature in degrees Celsius (``null`` or absent when unknown).
 - ``PREFIX/facility/grid``: ``{"price_usd_per_mwh": P, "carbon_g_per_kwh": C}``, the utility's energy price (may be
-  negative, as spot prices are) and the grid's carbon intensity; either may be ``null`` when unknown, not both.
+  negative, as spot prices are) and the grid's carbon intensity, both required.
 
 Outbound (the controller publishes):
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 MAX_BUDGET_W = 1e9
 MAX_RACK_CHARS = 253
@@ -67,18 +67,12 @@ class RackCooling(BaseModel):
 
 
 class GridSignal(BaseModel):
-    """``facility/grid``: price and carbon intensity; at least one is known."""
+    """``facility/grid``: the energy price (negative spot prices happen) and the grid's carbon intensity, both."""
 
     model_config = _strict()
 
-    price_usd_per_mwh: float | None = Field(None, ge=-100_000.0, le=100_000.0)
-    carbon_g_per_kwh: float | None = Field(None, ge=0.0, le=10_000.0)
-
-    @model_validator(mode="after")
-    def _one_known(self) -> "GridSignal":
-        if self.price_usd_per_mwh is None and self.carbon_g_per_kwh is None:
-            raise ValueError("give price_usd_per_mwh, carbon_g_per_kwh or both")
-        return self
+    price_usd_per_mwh: float = Field(..., ge=-100_000.0, le=100_000.0)
+    carbon_g_per_kwh: float = Field(..., ge=0.0, le=10_000.0)
 
 
 class ControllerEvent(BaseModel):
