@@ -30,6 +30,10 @@ class ControllerMetrics:
         self.jobs = Counter("murakkab_jobs", "Jobs accepted and ended, by outcome.", ["result"], registry=registry)
         self.auth_refused = Counter("murakkab_auth_refused", "Handshakes and messages refused by authentication "
                                     "or roles.", ["endpoint", "reason"], registry=registry)
+        self.facility_messages = Counter("murakkab_facility_messages", "Facility MQTT messages (rack budgets, "
+                                         "cooling, grid) by what became of them: applied, held (no node of the "
+                                         "rack yet) or why they were ignored.", ["topic_kind", "result"],
+                                         registry=registry)
 
 
 class ControllerContext(Protocol):
