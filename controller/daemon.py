@@ -45,8 +45,9 @@ log = logging.getLogger("murakkab.controller")
 
 class Controller:
     def __init__(self, settings: ControllerSettings, *, clock: Any = time.monotonic,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None, mqtt: Any = None) -> None:
         self.settings = settings
+        self.mqtt_settings = mqtt  # common.mqtt.settings.MqttSettings (the [mqtt] table), or None
         # CurveZMQ on both sockets unless the config says insecure = true; a missing key or keyring raises
         # KeyringError here, before anything is opened or bound, with the command that creates them.
         self.auth: ControlPlaneAuth | None = None
@@ -92,6 +93,12 @@ class Controller:
                 fleet_interval_s=settings.heartbeat_interval_s),
             start_failure_limit=settings.start_failure_limit, avoid_node_s=settings.avoid_node_s))
         self.profiler = ProfilerService(self)
+        # Facility signals in, autopilot events and status out, over MQTT; never on the ZeroMQ control path.
+        self.facility: Any = None
+        if mqtt is not None and mqtt.enabled:
+            from controller.facility import FacilityShell  # imported only where MQTT is on
+
+            self.facility = FacilityShell(self, mqtt)
 
     def to_unix(self, monotonic_s: float | None) -> float | None:
         return None if monotonic_s is None else monotonic_s + self.unix_offset_s
@@ -139,6 +146,8 @@ class Controller:
                        asyncio.create_task(self._tick_loop())]
         if self.auth is not None:
             self._tasks.append(asyncio.create_task(self.auth.run()))
+        if self.facility is not None:  # never ends by itself: broker errors are the link's to retry
+            self._tasks.append(asyncio.create_task(self.facility.run()))
         if self.notifier.watchdog_interval_s is not None:  # the loop never returns, so it cannot end run_forever
             self._tasks.append(asyncio.create_task(watchdog_loop(self.notifier)))
         self._write_endpoints()
@@ -168,6 +177,8 @@ class Controller:
 
     async def close(self) -> None:
         self.notifier.stopping(f"epoch {self.epoch}: shutting down")
+        if self.facility is not None:
+            await self.facility.close()  # 'offline' on the status topic: a clean disconnect sends no last will
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -44,7 +44,7 @@ class InProcessCluster:
         old = self.controller
         settings = old.settings.model_copy(update={"agent_bind": old.agent_endpoint, "admin_bind": old.admin_endpoint})
         await old.close()
-        self.controller = Controller(settings)
+        self.controller = Controller(settings, mqtt=old.mqtt_settings)
         await self.controller.start()
         return self.controller
 
@@ -73,8 +73,11 @@ async def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, wha
 @contextlib.asynccontextmanager
 async def in_process_cluster(tmp_path: Path, nodes: int = 2, gpus: int = 2, model: str = "h100",
                              utilization: float = 1.0,
-                             controller_settings: dict[str, Any] | None = None) -> AsyncIterator[InProcessCluster]:
-    """``controller_settings`` overrides fields of the controller's settings (e.g. invocation timeouts).
+                             controller_settings: dict[str, Any] | None = None, mqtt: Any = None,
+                             node_labels: dict[str, dict[str, str]] | None = None) -> AsyncIterator[InProcessCluster]:
+    """``controller_settings`` overrides fields of the controller's settings (e.g. invocation timeouts);
+    ``mqtt`` (common.mqtt.settings.MqttSettings) is the controller's [mqtt] table; ``node_labels`` gives nodes
+    (``node-0``, ...) their labels, e.g. ``{"node-0": {"rack": "r1"}}``.
 
     The sockets use CURVE with keys made for the test (an ``admin`` user key, one node key per
     agent) unless ``controller_settings`` says ``insecure=True``; while the cluster runs,
@@ -92,7 +95,7 @@ async def in_process_cluster(tmp_path: Path, nodes: int = 2, gpus: int = 2, mode
     os.environ.update(keys.env() if keys else {"MURAKKAB_INSECURE": "1"})
     for name in ("MURAKKAB_KEY", "MURAKKAB_SERVER_KEY") if insecure else ("MURAKKAB_INSECURE",):
         os.environ.pop(name, None)
-    controller = Controller(settings)
+    controller = Controller(settings, mqtt=mqtt)
     await controller.start()
     ctx = zmq.Context()
     cluster = InProcessCluster(controller, {}, keys=keys)
@@ -104,7 +107,7 @@ async def in_process_cluster(tmp_path: Path, nodes: int = 2, gpus: int = 2, mode
                 reconnect_base_s=0.05, reconnect_cap_s=0.5, metrics_enabled=(i == 0), metrics_port=0,
                 # Tools run in the agent's threads, as before issue 14 (ignored unless root): the engine account
                 # may not reach this interpreter or tmp_path; test_engine_privileges.py tests the account.
-                engine_user="root",
+                engine_user="root", labels=dict((node_labels or {}).get(name, {})),
                 **agent_key_settings(keys, name))
             devices = open_sim_devices(node_name=name, model=model, count=gpus, seed=i, utilization=utilization,
                                        ambient_c=25.0, start_s=time.monotonic())
