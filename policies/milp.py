@@ -21,7 +21,16 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
 
 from policies.model import Problem
+from policies.plan import SLO_TIERS
 from policies.options import _EPS, StageOption, _DemandPlan, path_latency_s
+
+TIER_DROP_FACTOR = 10.0  # when demands must be dropped, a best-tier request is worth 10**3 basic ones
+
+
+def _tier_rank(slo: Any) -> int:
+    """3 for best ... 0 for basic (no tier given: basic)."""
+    tiers = [SLO_TIERS.index(t) for _, t in slo if t in SLO_TIERS]
+    return len(SLO_TIERS) - 1 - (min(tiers) if tiers else len(SLO_TIERS) - 1)
 
 
 @dataclass
@@ -290,9 +299,12 @@ class _Model:
         return v
 
     def served(self) -> np.ndarray:
+        """The cost of dropping demands, for when not all of them fit: their request rate, a request of
+        each SLO tier counting ``TIER_DROP_FACTOR`` times one of the tier below, so the lowest tiers are
+        shed first (a demand's tier is its most demanding dimension's)."""
         c = np.zeros(self.nvar)
         for d, plan in enumerate(self.plans):
-            c[self.z0 + d] = max(plan.rate_rps, 0.0) + 1e-3
+            c[self.z0 + d] = (max(plan.rate_rps, 0.0) + 1e-3) * TIER_DROP_FACTOR ** _tier_rank(plan.demand.slo)
         return c
 
     def solve(self, c: np.ndarray, z_high: np.ndarray, extra: list[tuple[np.ndarray, float]],

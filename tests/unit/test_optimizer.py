@@ -18,6 +18,7 @@ from common.workflow.catalog import ExecutorSpec
 from common.workflow.loader import load_catalog_file, load_workflow_file
 from common.workflow.spec import Ref, StageConstraints, StageSpec, WorkflowSpec
 from policies import optimizer
+from policies.milp import TIER_DROP_FACTOR, _tier_rank
 from policies.model import (
     Budgets,
     DemandRate,
@@ -316,10 +317,11 @@ def test_milp_matches_brute_force(seed: int) -> None:
         assert solution.status == "optimal", (solution.status, solution.unserved)
         assert solution.objective_value == pytest.approx(expected, rel=1e-6, abs=1e-6)
         return
-    # Not every demand fits: the served subset carries the most traffic, and is planned optimally.
+    # Not every demand fits: the served subset carries the most traffic, a request of each tier weighing
+    # TIER_DROP_FACTOR of the tier below (lowest tiers shed first), and is planned optimally.
     assert solution.status == "infeasible" and solution.unserved
     def weight(subset: tuple[DemandRate, ...]) -> float:
-        return sum(d.rate_rps + 1e-3 for d in subset)
+        return sum((d.rate_rps + 1e-3) * TIER_DROP_FACTOR ** _tier_rank(d.demand.slo) for d in subset)
     feasible = [subset for n in range(1, len(problem.demands) + 1)
                 for subset in itertools.combinations(problem.demands, n)
                 if brute_force(replace(problem, demands=subset)) is not None]
@@ -473,6 +475,20 @@ def test_joint_infeasibility_serves_the_larger_demand() -> None:
     assert high in solution.choices and low in solution.unserved
     assert "devices h100" in solution.unserved[low]
     check_solution(problem, solution)
+
+
+def test_joint_infeasibility_sheds_the_lower_tier_first_even_when_it_carries_more_traffic() -> None:
+    """A best-tier demand at half the rate of a basic one; each fits alone, not both: the basic one is shed."""
+    problem = _single(devices=3)
+    best, basic = Demand.of("wf", {"accuracy": "best"}), Demand.of("wf", {"accuracy": "basic"})
+    perf = problem.perf.perf(problem.catalog["big"], InstanceConfig("big", "h100"), {"k": 2}, 0.0)
+    assert perf is not None
+    rate = 1.5 * perf.capacity_rps
+    problem = replace(problem, demands=(DemandRate(best, 0.8 * rate), DemandRate(basic, 1.6 * rate)),
+                      power_cap_levels={})
+    solution = optimize(problem)
+    assert solution.status == "infeasible"
+    assert best in solution.choices and basic in solution.unserved
 
 
 def test_unknown_workflow_and_tier_are_reported() -> None:
