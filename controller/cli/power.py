@@ -118,6 +118,15 @@ def budget_renderables(view: Mapping[str, Any], now_unix_s: float | None = None)
         out.append(table)
     else:
         out.append("pinned power limits: none")
+    cooling = view.get("cooling") or []
+    if cooling:  # racks a facility reported as not ok
+        table = _table("COOLING RACK", "STATE", "INLET C", "GPUS", "SOURCE", "CAPS W", right=("INLET C", "GPUS"))
+        for c in cooling:
+            inlet = c.get("inlet_c")
+            table.add_row(str(c.get("rack")), str(c.get("state")),
+                          f"{inlet:.1f}" if isinstance(inlet, (int, float)) else "-", str(c.get("gpus", "-")),
+                          str(c.get("source") or "-"), caps_text(c.get("caps_w") or {}))
+        out.append(table)
     return out
 
 

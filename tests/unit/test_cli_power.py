@@ -390,3 +390,12 @@ def test_node_show_lists_pinned_limits(controller: Any, capsys: pytest.CaptureFi
     assert main(["--controller", fake.address, "node", "show", "node-0", "-o", "json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["pinned_power_limits"] == [dataclasses.asdict(PinnedPowerLimit(0, 250.0))]
+
+
+def test_budget_show_lists_racks_whose_cooling_is_not_ok() -> None:
+    view = {**VIEW, "cooling": [{"rack": "r2", "state": "failed", "inlet_c": 41.5, "since_s": 3.0,
+                                 "source": "facility", "gpus": 8, "caps_w": {"node-7/0": 420.0}}]}
+    row = row_of(render(power.budget_renderables(view, now_unix_s=T0)), "r2", "failed")
+    for cell in ("41.5", "8", "facility", "node-7/0 420 W"):
+        assert cell in row
+    assert "COOLING" not in render(power.budget_renderables(VIEW, now_unix_s=T0))
