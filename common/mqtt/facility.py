@@ -7,8 +7,8 @@ Inbound (a facility's BMS / DCIM publishes, the controller subscribes):
   clears it.
 - ``PREFIX/facility/racks/RACK/cooling``: ``{"state": "ok" | "degraded" | "failed", "inlet_c": T}``, the rack's
   cooling state and its inlet air temperature in degrees Celsius (``null`` or absent when unknown).
-- ``PREFIX/facility/grid``: ``{"price_usd_per_mwh": P, "carbon_g_per_kwh": C}``, the utility's energy price (may be
-  negative, as spot prices are) and the grid's carbon intensity, both required.
+- ``PREFIX/facility/grid``: ``{"price_usd_per_mwh": P, "carbon_g_per_kwh": C}``, the utility's energy price (not
+  negative) and the grid's carbon intensity, both required.
 
 Outbound (the controller publishes):
 
@@ -67,11 +67,12 @@ class RackCooling(BaseModel):
 
 
 class GridSignal(BaseModel):
-    """``facility/grid``: the energy price (negative spot prices happen) and the grid's carbon intensity, both."""
+    """``facility/grid``: the energy price and the grid's carbon intensity, both (the autopilot takes no negative
+    price, so a negative spot price is refused here as the schema's)."""
 
     model_config = _strict()
 
-    price_usd_per_mwh: float = Field(..., ge=-100_000.0, le=100_000.0)
+    price_usd_per_mwh: float = Field(..., ge=0.0, le=100_000.0)
     carbon_g_per_kwh: float = Field(..., ge=0.0, le=10_000.0)
 
 
