@@ -59,15 +59,9 @@ class FacilityShell:
 
     # --- lifecycle ------------------------------------------------------------------------------
 
-    def _will(self) -> Any:
-        """The last will: ``offline``, retained, on the status topic (the link's will form)."""
-        from common.mqtt import link as link_module
-
-        will_type = getattr(link_module, "Will", None)
-        topic = self.link_topic(*STATUS_TOPIC)
-        if will_type is not None:
-            return will_type(topic, OFFLINE, retain=True, qos=1)
-        return (topic, OFFLINE, True)
+    def _will(self) -> tuple[str, bytes, bool]:
+        """The last will, as the link takes it: ``offline``, retained, on the status topic."""
+        return (self.link_topic(*STATUS_TOPIC), OFFLINE, True)
 
     def link_topic(self, *parts: str) -> str:
         return "/".join((self.settings.topic_prefix.rstrip("/"), *parts))
