@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common.config import load_toml_config
+from common.mqtt.settings import MqttSettings
 
 
 class ControllerSettings(BaseModel):
@@ -87,6 +88,7 @@ class ControllerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     controller: ControllerSettings = ControllerSettings()
+    mqtt: MqttSettings = MqttSettings()  # facility signals in, autopilot events out; disabled by default
 
 
 def load_controller_config(path: Path) -> ControllerConfig:

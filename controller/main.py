@@ -19,14 +19,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, required=True, help="controller TOML file")
     args = parser.parse_args(argv)
     try:
-        settings = load_controller_config(args.config).controller
+        config = load_controller_config(args.config)
+        settings = config.controller
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
     setup_logging(settings.log_level, "murakkab-controller")
 
     async def run() -> None:
-        await Controller(settings).run_forever(stop_event_on_signals())
+        await Controller(settings, mqtt=config.mqtt).run_forever(stop_event_on_signals())
 
     try:
         asyncio.run(run())
