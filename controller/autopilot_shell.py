@@ -224,6 +224,13 @@ class AutopilotShell:
     def explanation(self) -> dict[str, Any]:
         return self.autopilot.explanation
 
+    def latency_target_s(self, demand: Demand) -> float | None:
+        """The running plan's end-to-end latency target for a demand (its SLO tier), None where it has none."""
+        solution = getattr(self.autopilot.policy, "solution", None)
+        predicted = solution.predicted.get(demand) if solution is not None else None
+        target = predicted.latency_target_s if predicted is not None else None
+        return target if target is not None and math.isfinite(target) else None
+
     # --- measurements -----------------------------------------------------------------------------
 
     def record_arrival(self, demand: Demand) -> None:

@@ -29,7 +29,7 @@ from common.transport import PeerUnreachable, RemoteError, RequestTimeout, RpcEn
 from controller.admin import AdminApi
 from controller.autopilot_shell import AutopilotSettings
 from controller.config import ControllerSettings
-from controller.context import ControllerMetrics
+from controller.context import ControllerMetrics, ControllerStateCollector
 from controller.jobs.service import WorkloadConfig, WorkloadService
 from controller.profiler import ProfilerService
 from controller.registry import (
@@ -71,6 +71,7 @@ class Controller:
         self.metrics = ControllerMetrics(self.metrics_registry)
         self._heartbeats_ok = self.metrics.heartbeats.labels("ok")  # bound once: the hot path skips the lookup
         self.metrics_registry.register(DeviceCollector(self._device_rows))
+        self.metrics_registry.register(ControllerStateCollector(self))  # nodes by state, power budgets
         self.ctx = zmq.Context()
         self.agents: RpcEndpoint | None = None
         self.admin: RpcEndpoint | None = None

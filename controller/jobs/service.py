@@ -486,7 +486,7 @@ class WorkloadService(CatalogAdmin):
 
     def _finish_job(self, job_id: str, state: str, reason: str, outputs: dict[str, Any] | None) -> None:
         self.store.finish_job(job_id, state, reason, outputs if state == "succeeded" else None, time.time())
-        self._job_demands.pop(job_id, None)
+        self._observe_job_end(job_id, state, self._job_demands.pop(job_id, None))
         self._job_executors.pop(job_id, None)
         level = logging.INFO if state == "succeeded" else logging.WARNING
         log.log(level, "job %s %s%s", job_id, state, f": {reason}" if reason else "")
@@ -494,6 +494,20 @@ class WorkloadService(CatalogAdmin):
         for waiter in self._waiters.pop(job_id, []):
             if not waiter.done():
                 waiter.set_result(None)
+
+    def _observe_job_end(self, job_id: str, state: str, demand: Demand | None) -> None:
+        """Latency, energy and SLO outcome per workflow and tier (``murakkab_job_*``, ``murakkab_jobs_slo_total``)."""
+        if state not in ("succeeded", "failed"):
+            return
+        job = self.store.get_job(job_id)
+        if job is None:
+            return
+        latency_s = (job.ended_at_unix_s - job.submitted_at_unix_s) if job.ended_at_unix_s is not None else None
+        energies = [r.energy_j for r in self.store.invocations(job_id) if r.energy_j is not None]
+        target_s = (self.autopilot.latency_target_s(demand or Demand.of(job.workflow, job.slo))
+                    if self.autopilot is not None else None)
+        self.c.metrics.job_ended(job.workflow, job.slo, state, latency_s, sum(energies) if energies else None,
+                                 target_s)
 
     def _save_row(self, row: InvocationRow, state: str, error: str = "", result: InvocationResult | None = None) -> None:
         if result is not None:
