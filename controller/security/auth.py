@@ -1,9 +1,9 @@
 """Who may talk to the controller: the ZAP handler, per-message checks and revocation.
 
 CurveZMQ encrypts both controller sockets; the ZAP handler (pyzmq's ``zmq.auth``
-authenticator driven from the event loop, one per context) accepts a handshake only from a key in the keyring that
-is live and of the right kind for the socket (node keys on the agent socket, user keys on
-the admin socket). ZeroMQ then stamps every message with the key (``User-Id``), and the
+authenticator driven from the event loop, one per context) accepts a handshake only from a
+key in the keyring that is live and of the right kind for the socket (node keys on the agent
+socket, user keys on the admin socket). ZeroMQ then stamps every message with the key (``User-Id``), and the
 socket's :class:`EndpointGate` checks each one: a node key speaks only as its own node, a
 user key only within its role. The agent socket runs without ``ROUTER_HANDOVER`` under
 CURVE, so a connection cannot take over the identity of a node that is connected.

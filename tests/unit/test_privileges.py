@@ -19,6 +19,12 @@ from common.config import ConfigError
 STRANGER = EngineIdentity("stranger", uid=54321, gid=54321, groups=(44,))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_resolution() -> None:
+    """resolve_engine_identity logs once per setting and process: earlier tests must not have used the log up."""
+    resolve_engine_identity.cache_clear()
+
+
 def test_a_non_root_agent_runs_engines_as_itself_and_ignores_engine_user(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, "murakkab.agent.privileges"):
         assert resolve_engine_identity("no-such-murakkab-user", euid=1000) is None
