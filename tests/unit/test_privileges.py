@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.components import privileges
 from agent.components.privileges import (
     ENGINE_UMASK, EngineIdentity, interpreter_problem, resolve_engine_identity,
 )
@@ -22,7 +23,7 @@ STRANGER = EngineIdentity("stranger", uid=54321, gid=54321, groups=(44,))
 @pytest.fixture(autouse=True)
 def _fresh_resolution() -> None:
     """resolve_engine_identity logs once per setting and process: earlier tests must not have used the log up."""
-    resolve_engine_identity.cache_clear()
+    privileges._resolve.cache_clear()
 
 
 def test_a_non_root_agent_runs_engines_as_itself_and_ignores_engine_user(caplog: pytest.LogCaptureFixture) -> None:
