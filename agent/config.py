@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent.devices.select import CpuSettings, SimSettings
 from common.config import load_toml_config
+from common.mqtt.settings import MqttSettings
 
 
 class AgentSettings(BaseModel):
@@ -77,6 +78,7 @@ class AgentConfig(BaseModel):
 
     agent: AgentSettings = Field(default_factory=AgentSettings)
     devices: DevicesSettings = Field(default_factory=DevicesSettings)
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)  # node telemetry and status on a broker; optional
 
 
 def load_agent_config(path: Path) -> AgentConfig:

@@ -119,7 +119,7 @@ class Agent:
                  clock: Callable[[], float] = time.monotonic, generation: int | None = None,
                  host_sampler: HostSampler | None = None,
                  rng: random.Random | None = None, notifier: Notifier | None = None,
-                 ready_without_controller_s: float = READY_WITHOUT_CONTROLLER_S) -> None:
+                 ready_without_controller_s: float = READY_WITHOUT_CONTROLLER_S, mqtt: Any = None) -> None:
         self.settings = settings
         # CurveZMQ to the controller unless insecure = true; a missing or malformed key file raises KeyFileError
         self.credentials: ClientCredentials | None = None if settings.insecure else load_client_credentials(
@@ -158,6 +158,11 @@ class Agent:
         self.components.transition_observers.append(
             lambda t: self.metrics.component_transitions.labels(t.new).inc())
         self.sample_devices()
+        self.facility: Any = None  # agent.facility_publisher.FacilityPublisher with [mqtt] enabled
+        if mqtt is not None and mqtt.enabled:  # imported only then: MQTT is optional
+            from agent.facility_publisher import FacilityPublisher
+            self.facility = FacilityPublisher(mqtt, settings.node_name, interval_s=settings.heartbeat_interval_s,
+                                              devices=lambda: self.devices, samples=lambda: self.latest)
 
     # --- devices -----------------------------------------------------------------------
 
@@ -224,6 +229,8 @@ class Agent:
                  asyncio.create_task(self._link_loop()), asyncio.create_task(self.components.run())]
         if self.notifier.watchdog_interval_s is not None:  # it never returns, so it cannot end the agent
             tasks.append(asyncio.create_task(watchdog_loop(self.notifier)))
+        if self.facility is not None:  # never ends on broker errors, so it cannot end the agent
+            tasks.append(asyncio.create_task(self.facility.run()))
         if stop is not None:
             tasks.append(asyncio.create_task(stop.wait()))
         try:
@@ -238,6 +245,8 @@ class Agent:
                 await self.components.shutdown(self.settings.shutdown_drain_s)
             except Exception:
                 log.exception("stopping components failed")
+            if self.facility is not None:
+                await self.facility.close()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

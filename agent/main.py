@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     async def run() -> None:
-        agent = Agent(config.agent, devices)
+        agent = Agent(config.agent, devices, mqtt=config.mqtt)
         hook = fault_hook(config.devices.sim, devices, start_s)
         if hook is not None:
             agent.tick_hooks.append(hook)

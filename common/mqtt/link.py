@@ -37,6 +37,14 @@ KEEPALIVE_S = 30
 MAX_INCOMING_QUEUED = 10_000
 
 
+def _quiet_disconnect_future(client: aiomqtt.Client) -> None:
+    """Retrieve the error aiomqtt leaves on its disconnect future (an aborted or lost connection), so asyncio
+    does not log "Future exception was never retrieved" after the link has already said the broker is gone."""
+    future = getattr(client, "_disconnected", None)
+    if isinstance(future, asyncio.Future):
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+
 def encode_payload(payload: bytes | str | dict[str, Any]) -> bytes:
     """bytes as they are, str as UTF-8, a dict as compact JSON (no NaN or infinity: raises ValueError)."""
     if isinstance(payload, bytes | bytearray | memoryview):
@@ -135,6 +143,7 @@ class MqttLink:
                 try:
                     async with self._make_client() as client:
                         self._client = client
+                        _quiet_disconnect_future(client)
                         for topic_filter in dict.fromkeys(f for f, _ in self._handlers):
                             await client.subscribe(topic_filter, qos=1)
                         self.connected = True
