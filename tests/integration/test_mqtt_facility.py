@@ -259,3 +259,36 @@ def test_the_controller_status_is_retained_and_says_offline_at_shutdown(tmp_path
                 await wait_until(lambda: status[-1][1] == b"offline", timeout_s=10, what="offline at shutdown")
 
     asyncio.run(scenario())
+
+
+def test_a_rack_cooling_failure_moves_its_components_out_and_ok_lets_them_back(tmp_path: Path) -> None:
+    """The facility reports rack r-x's cooling failed: the GPUs there are capped and evacuated, the chat
+    component moves to the other rack before the old one stops, and the reaction is on the events topic."""
+    from tests.integration.test_autopilot_cluster import first_job, where
+
+    async def scenario() -> None:
+        with running_broker(tmp_path / "broker", USERS, ACL) as broker:
+            async with in_process_cluster(tmp_path, nodes=2, gpus=1, utilization=0.0, mqtt=mqtt_settings(broker),
+                                          node_labels=RACKS) as cluster:
+                await wait_until(lambda: cluster.controller.facility.link.connected, timeout_s=10,
+                                 what="the controller connected to the broker")
+                await first_job(cluster)
+                ((node, _),) = where(cluster)
+                rack, other = RACKS[node]["rack"], next(n for n in RACKS if n != node)
+                async with subscribed(broker, f"{PREFIX}/controller/events") as events:
+                    await publish(broker, f"{PREFIX}/facility/racks/{rack}/cooling",
+                                  json.dumps({"state": "failed", "inlet_c": 41.0}).encode())
+                    await wait_until(lambda: {n for n, _ in where(cluster)} == {other}, timeout_s=20,
+                                     what=f"the chat component out of rack {rack}")
+                    await wait_until(lambda: any(json.loads(p)["kind"] == "cooling" for _, p in events),
+                                     timeout_s=10, what="the cooling reaction on the events topic")
+                view = cluster.controller.workloads.autopilot.budget_view()
+                assert [(c["rack"], c["state"]) for c in view["cooling"]] == [(rack, "failed")]
+                limit = cluster.controller.workloads.autopilot.power_limits.get((node, 0))
+                assert limit is not None and limit < 700.0  # the failed rack's GPU is capped
+                await publish(broker, f"{PREFIX}/facility/racks/{rack}/cooling",
+                              json.dumps({"state": "ok", "inlet_c": 24.0}).encode())
+                await wait_until(lambda: not cluster.controller.workloads.autopilot.budget_view()["cooling"],
+                                 timeout_s=10, what="the rack's cooling back to ok")
+
+    asyncio.run(scenario())
