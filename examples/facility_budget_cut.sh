@@ -66,6 +66,8 @@ if watts == "clear":
     print("done: rack %s has no budget" % rack if not mine else "waiting: the budget is still in force")
 elif not mine or abs(float(mine[0]["power_budget_w"]) - float(watts)) > 0.5:
     print("waiting: the controller has not taken the budget yet")
+elif mine[0]["measured_power_w"] <= 0:  # a controller that just started has no telemetry for the rack yet
+    print("waiting: no power measured in rack %s yet (does a node carry the label rack=%s?)" % (rack, rack))
 elif mine[0]["measured_power_w"] > float(watts):
     print("waiting: rack %s measures %.0f W against %s W, caps %s" % (rack, mine[0]["measured_power_w"], watts,
                                                                     mine[0].get("caps_w") or "none yet"))

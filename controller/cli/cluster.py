@@ -8,6 +8,10 @@ an agent that was SIGKILLed, or did not finish stopping them, leaves nothing beh
 Everything lives in the state directory: configs, pids, logs, databases, and the CurveZMQ
 keys (``keys/``: the controller's pair, the keyring, one key per agent and an ``admin``
 user key). ``STATE_DIR/env`` holds the ``export`` lines a shell sources to reach it.
+Unless ``--no-mqtt``, a Mosquitto broker runs on a loopback port beside them (``controller.cli.broker``:
+per-client passwords and an ACL under ``STATE_DIR/mqtt/``, ``STATE_DIR/mqtt/facility.env`` for a facility
+publisher); the controller and every agent get an ``[mqtt]`` table pointing at it. Simulated nodes sit in
+racks of their own (label ``rack``: ``rack-a``, ``rack-b``, ...) so rack budgets and cooling have targets.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,10 +34,12 @@ from agent.components.orphans import LinuxProc, Outcome, reap_components
 from agent.components.ports import os_free_port
 from agent.components.privileges import local_cluster_engine_user
 from common.security.curve import KeyFileError, load_client_credentials, read_key_file
+from controller.cli.broker import BrokerError, BrokerPlan, prepare_broker
 from controller.cli.client import AdminClient, ClientError
 from controller.security.keyring import Keyring, KeyringError, init_keys_dir
 
 READY_TIMEOUT_S = 60.0
+BROKER_START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
 
 
@@ -56,6 +63,9 @@ def add_cluster_commands(sub: Any) -> None:
                          "first-fit (no autopilot)")
     up.add_argument("--insecure", action="store_true",
                     help="plaintext sockets without keys (the daemons log a warning at every start)")
+    up.add_argument("--no-mqtt", action="store_true",
+                    help="start no MQTT broker (facility signals and node telemetry over MQTT are then off)")
+    up.add_argument("--mqtt-port", type=int, default=0, help="the broker's loopback port (default: a free one)")
     up.add_argument("--model-dir", type=Path, default=None,
                     help="where agents find models ({model_dir} in catalogs); default STATE_DIR/models")
     up.set_defaults(handler=cluster_up)
@@ -123,6 +133,34 @@ def _wait_for(predicate: Any, timeout_s: float, what: str, pid_to_watch: dict[st
             raise ClientError(f"{', '.join(dead)} exited during start-up; see {state_dir / 'logs'}")
         time.sleep(0.1)
     raise ClientError(f"timed out after {timeout_s:g}s waiting for {what}; see {state_dir / 'logs'}")
+
+
+def rack_label(index: int) -> str:
+    """rack-a, rack-b, ..., rack-z, rack-aa, ...: the rack of the index-th simulated node (from 1)."""
+    letters = ""
+    while index > 0:
+        index, rest = divmod(index - 1, 26)
+        letters = chr(ord("a") + rest) + letters
+    return f"rack-{letters}"
+
+
+def start_broker(state_dir: Path, nodes: list[str], port: int, started: dict[str, int]) -> BrokerPlan:
+    """Mosquitto for the local cluster, listening before this returns (or a ClientError that says why)."""
+    try:
+        plan = prepare_broker(state_dir, nodes, port or free_port())
+    except BrokerError as exc:
+        raise ClientError(str(exc)) from None
+    started["mqtt"] = spawn(state_dir, "mqtt", plan.argv)
+
+    def listening() -> bool:
+        try:
+            with socket.create_connection((plan.host, plan.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    _wait_for(listening, BROKER_START_TIMEOUT_S, f"the MQTT broker on {plan.host}:{plan.port}", started, state_dir)
+    return plan
 
 
 def local_key(keyring: Keyring, name: str, kind: str, role: str) -> Path:
@@ -205,10 +243,12 @@ def cluster_up(args: argparse.Namespace, console: Console) -> int:
     endpoints_file = state_dir / "controller" / "endpoints.json"
     endpoints_file.unlink(missing_ok=True)
     agents: list[tuple[str, dict[str, Any]]] = []
+    labels: dict[str, dict[str, str]] = {}
     for i in range(1, args.sim_nodes + 1):
         agents.append((f"sim-node-{i}", {"backend": "sim", "include_cpu": True, "sim": {
             "model": args.gpu_model, "count": args.gpus_per_node, "seed": args.seed * 1000 + i,
             "utilization": args.sim_utilization}}))
+        labels[f"sim-node-{i}"] = {"rack": rack_label(i)}
     if args.cpu_node:
         agents.append(("cpu-node", {"backend": "cpu", "include_cpu": True}))
     insecure = bool(getattr(args, "insecure", False))
@@ -217,6 +257,9 @@ def cluster_up(args: argparse.Namespace, console: Console) -> int:
     agent_keys: dict[str, Path] = {}
     if not insecure:
         server_key, agent_keys, admin_key = cluster_keys(state_dir, [name for name, _ in agents])
+    started: dict[str, int] = {}
+    broker = None if args.no_mqtt else start_broker(state_dir, [name for name, _ in agents], args.mqtt_port, started)
+    mqtt = (lambda user: {"mqtt": broker.mqtt_table(user)}) if broker is not None else (lambda user: {})
     controller_cfg = _write_toml(state_dir / "controller.toml", {"controller": {
         # Fixed ports (not "*") so a restarted controller comes back where its agents look for it.
         "agent_bind": f"tcp://127.0.0.1:{free_port()}", "admin_bind": f"tcp://127.0.0.1:{free_port()}",
@@ -224,9 +267,9 @@ def cluster_up(args: argparse.Namespace, console: Console) -> int:
         "heartbeat_interval_s": args.heartbeat_interval, "suspect_after_s": args.suspect_after,
         "lost_after_s": args.lost_after, "planner": args.planner,
         "keys_dir": str(state_dir / "keys"), "insecure": insecure,
-    }})
-    started = {"controller": spawn(state_dir, "controller",
-                                    [sys.executable, "-m", "controller.main", "--config", str(controller_cfg)])}
+    }, **mqtt("controller")})
+    started["controller"] = spawn(state_dir, "controller",
+                                  [sys.executable, "-m", "controller.main", "--config", str(controller_cfg)])
     endpoints = _wait_for(lambda: endpoints_file.exists() and json.loads(endpoints_file.read_text()),
                           30.0, "the controller to bind", started, state_dir)
     model_dir = (args.model_dir or state_dir / "models").resolve()
@@ -236,11 +279,12 @@ def cluster_up(args: argparse.Namespace, console: Console) -> int:
     for name, devices in agents:
         config = _write_toml(state_dir / "agents" / name / "agent.toml", {
             "agent": {"node_name": name, "controller": endpoints["agents"], "state_dir": str(state_dir / "agents" / name),
-                      "heartbeat_interval_s": args.heartbeat_interval, "labels": {"cluster": "local"},
+                      "heartbeat_interval_s": args.heartbeat_interval,
+                      "labels": {"cluster": "local", **labels.get(name, {})},
                       "metrics_host": "127.0.0.1", "metrics_port": 0, "model_dir": str(model_dir),
                       "insecure": insecure, **({"engine_user": engine_user} if engine_user else {}),
                       **({} if insecure else {"key_file": str(agent_keys[name]), "controller_key_file": str(server_key)})},
-            "devices": devices})
+            "devices": devices, **mqtt(name)})
         started[name] = spawn(state_dir, name, [sys.executable, "-m", "agent.main", "--config", str(config)])
     (state_dir / "controller.addr").write_text(endpoints["admin"] + "\n")
     env_text = write_env(state_dir, endpoints["admin"], admin_key, server_key)
@@ -258,6 +302,9 @@ def cluster_up(args: argparse.Namespace, console: Console) -> int:
     _wait_for(all_ready, READY_TIMEOUT_S, f"{len(wanted)} nodes to be ready", started, state_dir)
     console.print(f"local cluster up in {state_dir}: controller and {len(wanted)} agents "
                   f"({', '.join(sorted(wanted))})", highlight=False)
+    if broker is not None:
+        console.print(f"MQTT broker on {broker.host}:{broker.port}; a facility publisher's credentials: "
+                      f"{broker.directory / 'facility.env'}", highlight=False)
     console.print(f"to use it: . {state_dir / 'env'}", highlight=False)
     print(env_text, end="")
     return 0
