@@ -39,7 +39,7 @@ class FacilityPublisher:
         self._samples = samples  # index -> common.protocol.DeviceTelemetry
         self.status_topic = self._topic("status")
         self.telemetry_topic = self._topic("telemetry")
-        will = (self.status_topic, self._status("offline"), True)
+        will = (self.status_topic, lambda: self._status("offline"), True)  # stamped at each connect
         self.link = link_factory(settings, node, will=will, on_connected=self._on_connected)
 
     def _topic(self, kind: str) -> str:
@@ -65,8 +65,10 @@ class FacilityPublisher:
         return NodeTelemetry(node=self.node, sent_at_unix_s=time.time(), devices=rows)
 
     def publish_telemetry(self) -> bool:
-        """One telemetry message, if the link is up; never raises."""
+        """One telemetry message, if the link is up (one skipped while it is down counts in ``link.dropped``);
+        never raises."""
         if not self.link.connected:
+            self.link.dropped += 1
             return False
         try:
             payload = self.telemetry().model_dump_json().encode()

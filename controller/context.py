@@ -36,7 +36,7 @@ class ControllerMetrics:
                                     "or roles.", ["endpoint", "reason"], registry=registry)
         self.facility_messages = Counter("murakkab_facility_messages", "Facility MQTT messages (rack budgets, "
                                          "cooling, grid) by what became of them: applied, held (no node of the "
-                                         "rack yet) or why they were ignored.", ["topic_kind", "result"],
+                                         "rack yet), unchanged (a retained one re-sent) or why they were ignored.", ["topic_kind", "result"],
                                          registry=registry)
         # Per workflow and SLO tier (``tier``: "latency=good", "accuracy=best,latency=fair", "default"), observed
         # once per job when it ends; cancelled jobs count in ``murakkab_jobs_total`` only.

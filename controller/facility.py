@@ -50,9 +50,12 @@ class FacilityShell:
         self.client_id = f"murakkab-controller-{socket.gethostname()}"[:128]
         self.link = link_factory(settings, self.client_id, will=self._will(), on_connected=self._on_connected)
         self.bad_log = RateLimitedLog(log, BAD_LOG_INTERVAL_S)
-        # (kind, rack) -> (apply it again, what it is): refused because no node of the rack is known yet
-        self.held: dict[tuple[str, str], tuple[Callable[[], Any], str]] = {}
+        # (kind, rack) -> (apply it again, what it is, topic, payload): refused because no node of the rack is known yet
+        self.held: dict[tuple[str, str], tuple[Callable[[], Any], str, str, bytes]] = {}
         self._observing: Any = None  # the AutopilotShell whose event_observers holds ours
+        # topic -> the payload last applied from it: the broker re-sends retained messages on every reconnect,
+        # and the same budget again is no new decision (no budget-set event, no replan)
+        self.applied: dict[str, bytes] = {}
         self.link.subscribe(self.link.topic(*rack_filter(POWER_BUDGET)), self.on_message)
         self.link.subscribe(self.link.topic(*rack_filter(COOLING)), self.on_message)
         self.link.subscribe(self.link.topic(*GRID_TOPIC), self.on_message)
@@ -147,6 +150,9 @@ class FacilityShell:
             log.exception("facility message on %s could not be handled; ignored", topic[:300])
 
     def _handle(self, topic: str, kind: str, rack: str | None, raw: bytes) -> None:
+        if self.applied.get(topic) == raw:
+            self._count(kind, "unchanged")
+            return
         if rack is not None and not valid_rack(rack):
             self._bad(topic, kind, "bad_rack", f"rack name {rack[:64]!r} is not a node label value (1-253 letters, "
                                                "digits, '.', '_' or '-', starting with a letter or digit)")
@@ -173,10 +179,11 @@ class FacilityShell:
             self.held.pop((kind, rack), None)  # a newer message replaces one held for the rack
         error = apply()
         if error is None:
+            self.applied[topic] = raw
             self._count(kind, "applied")
             log.info("facility: %s", what)
         elif rack is not None:
-            self.held[(kind, rack)] = (apply, what)
+            self.held[(kind, rack)] = (apply, what, topic, raw)
             self._count(kind, "held")
             self.bad_log.warning(topic[:300], f"{kind} message held",
                                  f"{what} refused for now ({getattr(error, 'message', error)}); tried again every "
@@ -204,14 +211,19 @@ class FacilityShell:
     async def _retry_held(self) -> None:
         while True:
             await asyncio.sleep(RETRY_HELD_S)
-            for key, (apply, what) in list(self.held.items()):
-                try:
-                    error = apply()
-                except Exception:
-                    log.exception("facility: %s failed; dropped", what)
-                    self.held.pop(key, None)
-                    continue
-                if error is None and self.held.get(key, (None,))[0] is apply:
-                    self.held.pop(key, None)
-                    log.info("facility: %s (held until a node of the rack was known)", what)
+            self.retry_held()
 
+    def retry_held(self) -> None:
+        """Apply again each held rack message; one that now applies is no longer held."""
+        for key, (apply, what, topic, raw) in list(self.held.items()):
+            try:
+                error = apply()
+            except Exception:
+                log.exception("facility: %s failed; dropped", what)
+                self.held.pop(key, None)
+                continue
+            if error is None and self.held.get(key, (None,))[0] is apply:
+                self.held.pop(key, None)
+                self.applied[topic] = raw
+                self._count(key[0], "applied")
+                log.info("facility: %s (held until a node of the rack was known)", what)

@@ -55,7 +55,7 @@ def encode_payload(payload: bytes | str | dict[str, Any]) -> bytes:
 
 
 class MqttLink:
-    def __init__(self, settings: MqttSettings, client_id: str, *, will: tuple[str, bytes, bool] | None = None,
+    def __init__(self, settings: MqttSettings, client_id: str, *, will: tuple[str, bytes | Callable[[], bytes], bool] | None = None,
                  on_connected: Callable[[], None] | None = None, queue_max: int = QUEUE_MAX) -> None:
         self.settings = settings
         self.client_id = client_id
@@ -189,6 +189,8 @@ class MqttLink:
         will = None
         if self.will is not None:
             topic, payload, retain = self.will[0], self.will[1], self.will[2]
+            if callable(payload):  # built at each connect, so a timestamp in it says when this session began
+                payload = payload()
             will = aiomqtt.Will(topic, encode_payload(payload), qos=1, retain=bool(retain))
         tls_context = None
         if s.tls:

@@ -1,6 +1,7 @@
 """Strict decoding of MQTT payloads, and the node topics' payload models.
 
-``decode_json(raw, Model)`` refuses a payload that is too big, not UTF-8 JSON, not an object, or not exactly the
+``decode_json(raw, Model)`` refuses a payload that is too big, not UTF-8 JSON (a key given twice included), not
+an object, or not exactly the
 model's schema (pydantic strict mode, unknown keys forbidden, NaN and infinities refused), raising
 ``PayloadError(reason, message)`` with ``reason`` one of ``too_large``, ``not_json``, ``schema``. A daemon counts
 it, logs it once per topic and interval with ``RateLimitedLog``, and ignores it.
@@ -39,12 +40,23 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose keys repeat is refused: which of two budgets a reader takes is a parser's accident."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise ValueError(f"key {key[:64]!r} appears twice")
+        data[key] = value
+    return data
+
+
 def decode_json(raw: bytes, model: type[BaseModel], max_bytes: int = MAX_PAYLOAD_BYTES) -> Any:
     """The payload as an instance of ``model``, or PayloadError."""
     if len(raw) > max_bytes:
         raise PayloadError("too_large", f"{len(raw)} bytes, more than the {max_bytes} allowed")
     try:
-        data = json.loads(bytes(raw).decode("utf-8"), parse_constant=_reject_constant)
+        data = json.loads(bytes(raw).decode("utf-8"), parse_constant=_reject_constant,
+                          object_pairs_hook=_refuse_duplicate_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise PayloadError("not_json", f"not UTF-8 JSON ({str(exc)[:200]})") from None
     if not isinstance(data, dict):

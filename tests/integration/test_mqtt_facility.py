@@ -98,14 +98,14 @@ def facility_count(cluster: InProcessCluster, kind: str, result: str) -> float:
 
 
 def ignored(cluster: InProcessCluster, kind: str) -> float:
-    """Messages of ``kind`` counted as anything but applied or held."""
+    """Messages of ``kind`` counted as anything but applied, held or unchanged (a retained one re-sent)."""
     total = 0.0
     for metric in cluster.controller.metrics_registry.collect():
         if metric.name != "murakkab_facility_messages":
             continue
         for sample in metric.samples:
             if (sample.name.endswith("_total") and sample.labels.get("topic_kind") == kind
-                    and sample.labels.get("result") not in ("applied", "held")):
+                    and sample.labels.get("result") not in ("applied", "held", "unchanged")):
                 total += sample.value
     return total
 
